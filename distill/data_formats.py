@@ -1,0 +1,272 @@
+"""On-disk dataset formats: IDX (MNIST, Fashion-MNIST), CIFAR pickles, Tiny ImageNet folders.
+
+Each reader takes the folder its locator found (a local path or an fsspec URL) and returns a
+`_Raw`: pixels as stored plus labels, in dataset order. `distill.data` holds the registry that
+wires these readers to dataset names; this module must not import it (no cycle).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import fsspec
+import numpy as np
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where we looked; the message says where and how to get them."""
+
+
+class _Raw(NamedTuple):
+    """What a reader returns: pixels as stored (uint8 or float) and labels, in dataset order."""
+
+    x_train: np.ndarray  # [N, C, H, W]; x / scale is in [0, 1]
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    scale: float
+
+
+Options = Mapping[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating and fetching files
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _exists(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+def _local_dir(root: str) -> str:
+    """Downloads go through torchvision, which writes local files only."""
+    if "://" in root and not root.startswith("file://"):
+        raise ValueError(f"download needs a local data.root, got {root}")
+    path = root.removeprefix("file://")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _find(folder: str, name: str) -> str | None:
+    """Path of `name` in `folder`; "stem[.gz]" means stem.gz, else stem. None when missing."""
+    names = (name[:-5] + ".gz", name[:-5]) if name.endswith("[.gz]") else (name,)
+    return next((_join(folder, n) for n in names if _exists(_join(folder, n))), None)
+
+
+def _locator(name: str, what: str, subdirs: tuple[str, ...], files: tuple[str, ...],
+             how: str) -> Callable[[list[str]], str]:
+    """locate() for file datasets: the first of root/<subdir> (per root) that holds all files."""
+    def locate(roots: list[str]) -> str:
+        looked = [_join(r, d) if d else r for r in roots for d in subdirs]
+        for folder in looked:
+            if all(_find(folder, f) for f in files):
+                return folder
+        raise DatasetNotFoundError(f"{name}: no {what} in {' or '.join(looked) or '(no root)'} "
+                                   f"(looked for {', '.join(files)}). To get them: {how}.")
+    return locate
+
+
+def _torchvision_fetch(class_name: str) -> Callable[[str], None]:
+    def fetch(root: str) -> None:
+        local = _local_dir(root)  # fail before the slow import
+        import torchvision
+
+        getattr(torchvision.datasets, class_name)(local, train=True, download=True)
+    return fetch
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST and Fashion-MNIST (IDX files)
+
+_IDX = {"train_x": ("train-images-idx3-ubyte[.gz]", 2051),
+        "train_y": ("train-labels-idx1-ubyte[.gz]", 2049),
+        "test_x": ("t10k-images-idx3-ubyte[.gz]", 2051),
+        "test_y": ("t10k-labels-idx1-ubyte[.gz]", 2049)}
+
+
+def _parse_idx(data: bytes, magic: int, path: str) -> np.ndarray:
+    """IDX: big-endian int32 magic (0x08 = uint8, low byte = ndim), ndim int32 sizes, bytes."""
+    if len(data) < 8 or struct.unpack(">i", data[:4])[0] != magic:
+        found = struct.unpack(">i", data[:4])[0] if len(data) >= 4 else "none"
+        raise ValueError(f"{path}: not an IDX file: magic number {found}, expected {magic}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}i", data[4:header])
+    if len(data) - header != int(np.prod(dims)):
+        raise ValueError(f"{path}: IDX header says {dims} but holds {len(data) - header} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_idx(path: str, magic: int) -> np.ndarray:
+    with fsspec.open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{path}: not a valid gzip file ({err})") from err
+    return _parse_idx(data, magic, path)
+
+
+def _idx_read(class_names: tuple[str, ...]) -> Callable[[str, Options], _Raw]:
+    def read(folder: str, opts: Options) -> _Raw:
+        arrays = {key: _read_idx(_find(folder, f) or _join(folder, f), magic)
+                  for key, (f, magic) in _IDX.items()}
+        for split in ("train", "test"):
+            n_x, n_y = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
+            if n_x != n_y:
+                raise ValueError(f"{folder}: {split} has {n_x} images but {n_y} labels")
+        return _Raw(arrays["train_x"][:, None], arrays["train_y"], arrays["test_x"][:, None],
+                    arrays["test_y"], class_names, 255.0)
+    return read
+
+
+_IDX_NAMES = tuple(f for f, _ in _IDX.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (torchvision's python pickle batches)
+
+
+@dataclass(frozen=True)
+class _CifarLayout:
+    folder: str
+    train: tuple[str, ...]
+    test: str
+    meta: str
+    label_key: bytes
+    names_key: bytes
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (*self.train, self.test, self.meta)
+
+
+_CIFAR10 = _CifarLayout("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                        "test_batch", "batches.meta", b"labels", b"label_names")
+_CIFAR100 = _CifarLayout("cifar-100-python", ("train",), "test", "meta",
+                         b"fine_labels", b"fine_label_names")
+
+
+def _unpickle(path: str) -> dict:
+    """CIFAR's own format is a pickle: only read files from a source you trust."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise ValueError(f"{path}: not a CIFAR pickle ({err})") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def _cifar_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file: uint8 [N, 3072] row-major CHW data and N labels (any N)."""
+    batch = _unpickle(path)
+    if b"data" not in batch or label_key not in batch:
+        raise ValueError(f"{path}: needs keys b'data' and {label_key!r}, has {sorted(batch)}")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[label_key], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise ValueError(f"{path}: data {data.shape} and {len(labels)} labels; "
+                         f"expected [N, 3072] and N labels")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _cifar_read(layout: _CifarLayout) -> Callable[[str, Options], _Raw]:
+    def read(folder: str, opts: Options) -> _Raw:
+        train = [_cifar_batch(_join(folder, f), layout.label_key) for f in layout.train]
+        x_test, y_test = _cifar_batch(_join(folder, layout.test), layout.label_key)
+        meta = _unpickle(_join(folder, layout.meta))
+        names = tuple(n.decode() if isinstance(n, bytes) else str(n)
+                      for n in meta.get(layout.names_key, []))
+        return _Raw(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                    x_test, y_test, names, 255.0)
+    return read
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny ImageNet (ImageFolder train/ + val/val_annotations.txt), through fsspec
+
+_TINY = "tiny-imagenet-200"
+_TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+_TINY_NEEDS = ("wnids.txt", "train", "val/val_annotations.txt")
+_IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _tiny_fetch(root: str) -> None:
+    from torchvision.datasets.utils import download_and_extract_archive
+    download_and_extract_archive(_TINY_URL, _local_dir(root))
+
+
+def _decode_rgb64(fs: Any, path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with fs.open(path, "rb") as f:
+            img = np.asarray(Image.open(f).convert("RGB"))  # greyscale files become RGB
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: cannot decode image ({err})") from err
+    if img.shape != (64, 64, 3):
+        raise ValueError(f"{path}: image is {img.shape[1]}x{img.shape[0]}, expected 64x64")
+    return img
+
+
+def _decode_all(fs: Any, paths: list[str], what: str) -> np.ndarray:
+    """Decode in threads (PIL releases the GIL), keeping the order of `paths`."""
+    from tqdm import tqdm
+
+    out = np.empty((len(paths), 64, 64, 3), dtype=np.uint8)
+
+    def one(i: int) -> None:
+        out[i] = _decode_rgb64(fs, paths[i])
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for _ in tqdm(pool.map(one, range(len(paths))), total=len(paths),
+                      desc=f"tinyimagenet {what}", disable=len(paths) < 2000):
+            pass
+    return out.transpose(0, 3, 1, 2)
+
+
+def _tiny_read(location: str, opts: Options) -> _Raw:
+    """ImageFolder order: classes = sorted wnids, files sorted by name within a class.
+
+    The test (val) order is the order of val_annotations.txt.
+    """
+    fs, base = fsspec.core.url_to_fs(location)
+    wnids = sorted(fs.cat_file(f"{base}/wnids.txt").decode().split())
+    class_of = {w: i for i, w in enumerate(wnids)}
+    train_paths, y_train = [], []
+    for i, wnid in enumerate(wnids):
+        folder = f"{base}/train/{wnid}/images"
+        if not fs.exists(folder):
+            raise DatasetNotFoundError(f"tinyimagenet: missing {folder}")
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+        files = [f"{folder}/{n}" for n in names if n.lower().endswith(_IMG_EXT)]
+        train_paths += files
+        y_train += [i] * len(files)
+    val_paths, y_val = [], []
+    for line in fs.cat_file(f"{base}/val/val_annotations.txt").decode().splitlines():
+        if not line.strip():
+            continue
+        fname, wnid = line.split("\t")[:2]
+        if wnid not in class_of:
+            raise ValueError(f"{location}/val/val_annotations.txt: {wnid} is not in wnids.txt")
+        val_paths.append(f"{base}/val/images/{fname}")
+        y_val.append(class_of[wnid])
+    return _Raw(_decode_all(fs, train_paths, "train"), np.asarray(y_train, dtype=np.int64),
+                _decode_all(fs, val_paths, "val"), np.asarray(y_val, dtype=np.int64),
+                tuple(wnids), 255.0)
