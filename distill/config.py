@@ -1,0 +1,564 @@
+"""Typed run configuration: one keyword-only dataclass per stage inside :class:`RunConfig`.
+
+Why dataclasses and not a free-form dict: every field has a type, a default and a docstring, the
+validation can name the exact field that is wrong, and a typo in a YAML file or an override is an
+error instead of a silently ignored key.
+
+Loading order: dataclass defaults <- YAML file <- dotted command-line overrides
+(``--distill.alpha 0.3``, ``--run_dir=/tmp/r``). Override values are parsed as YAML scalars, so
+``null``, ``true``, ``1e-5`` and ``[a, b]`` mean what they mean in a config file.
+
+:func:`validate` collects every problem and raises one :class:`ConfigError` listing all of them,
+each naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"""),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``problems`` holds one line per bad field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: str = "digits"
+    """Dataset registry name (``selmatch data list`` shows them)."""
+    root: str | None = None
+    """Where the files are (local path or fsspec URL); None = the dataset's default location."""
+    download: bool = False
+    """Allow torchvision to download missing files (needs internet)."""
+    train_per_class: int | None = None
+    """Keep only the first k training samples of each class (quick CPU runs); None = all."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Dataset-specific options (e.g. the ``synthetic`` generator's sizes)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "convnet"
+    """Expert and student network for trajectory matching (registry name)."""
+    width: int = 128
+    """ConvNet channel width."""
+    depth: int | None = None
+    """ConvNet depth; None = 3 for images up to 32 px, 4 for 64 px."""
+    norm: str = "batch"
+    """Normalisation layer: batch, instance, group or none."""
+
+
+@dataclass(kw_only=True)
+class ExpertConfig:
+    num_experts: int = 10
+    """Number of expert trajectories to train."""
+    epochs: int = 50
+    """Training epochs per expert (E); parameters are saved after every epoch."""
+    lr: float = 0.01
+    """Expert SGD learning rate (also the default starting value of the student lr)."""
+    momentum: float = 0.0
+    """Expert SGD momentum (MTT uses plain SGD)."""
+    weight_decay: float = 0.0
+    """Expert SGD weight decay."""
+    batch_size: int = 256
+    """Expert minibatch size."""
+    augment: str = "dsa"
+    """Augmentation of real data while training experts: dsa or none."""
+    el2n_epoch: int = 2
+    """Epoch after which EL2N is measured on un-augmented training data (1..epochs)."""
+    num_cpus: float = 1.0
+    """Ray resources per expert task: CPUs."""
+    num_gpus: float = 0.0
+    """Ray resources per expert task: GPUs (fractional values share a GPU)."""
+
+
+@dataclass(kw_only=True)
+class ScoresConfig:
+    kind: str = "forgetting"
+    """Difficulty score: forgetting, el2n or cscore."""
+    file: str | None = None
+    """Import scores from this .npy/.npz path or fsspec URL instead of computing them from experts."""
+    key: str = "scores"
+    """Array name inside an .npz file."""
+
+
+@dataclass(kw_only=True)
+class SelectConfig:
+    ipc: int = 10
+    """Synthetic images per class."""
+    beta: float = 0.0
+    """Window start as a fraction of each class's difficulty-sorted pool (0 = hardest end)."""
+    init: str = "window"
+    """Initialisation of the synthetic set: window, random or topk (the hardest IPC)."""
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    alpha: float = 0.5
+    """Distillation portion: floor(alpha * IPC) images per class are learnable, the rest stay real."""
+    iterations: int = 1000
+    """Outer distillation iterations."""
+    syn_steps: int = 20
+    """N: student SGD steps per iteration."""
+    expert_epochs: int = 2
+    """M: expert epochs the N student steps are matched against."""
+    max_start_epoch: int = 20
+    """T+: the start epoch is drawn uniformly from [0, T+)."""
+    batch_syn: int | None = None
+    """|b|: synthetic images per student step; None = the whole synthetic set."""
+    bn_group: int | None = None
+    """g: batch-norm group size (samples normalised together); None = |b|. Must divide |b|."""
+    lr_images: float = 1000.0
+    """Learning rate of the synthetic images (SGD, momentum below)."""
+    lr_lr: float = 1e-5
+    """Learning rate of the learnable student learning rate."""
+    syn_lr_init: float | None = None
+    """Starting student learning rate; None = experts.lr (as MTT)."""
+    momentum: float = 0.5
+    """Momentum of the image and learning-rate optimisers."""
+    mode: str = "joint"
+    """joint: match with the whole set (eq. 2); merge: distill D_distill alone, then concatenate."""
+    augment: str = "dsa"
+    """Augmentation of each student minibatch: dsa or none."""
+    checkpoint_every: int = 100
+    """Save a resumable checkpoint every K iterations."""
+    log_every: int = 10
+    """Log one line (loss, syn_lr, images/s, memory) every K iterations."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    model: str = "resnet18"
+    """Network trained on the synthetic set for evaluation."""
+    runs: int = 5
+    """Independently initialised evaluation runs (mean and std are reported)."""
+    epochs: int | None = None
+    """Training epochs; None = the paper's rule (25% of a 200-epoch full-data budget)."""
+    lr: float = 0.1
+    """SGD learning rate (cosine schedule)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    batch_size: int = 128
+    """Training minibatch size."""
+    augment: str = "combined"
+    """combined (DSA on distilled rows, crop+flip on selected rows), dsa, simple or none."""
+
+
+@dataclass(kw_only=True)
+class TuneConfig:
+    beta_step: float = 0.1
+    """Grid step of the window-start search."""
+    alpha_step: float = 0.1
+    """Grid step of the distillation-portion search."""
+    beta_epoch_fraction: float | None = None
+    """Fraction of the evaluation epochs per beta trial; None = 0.2 for CIFAR-10, else 0.1."""
+    alpha_iterations: int = 200
+    """Distillation iterations per alpha trial."""
+    max_concurrent: int = 2
+    """Trials running at once."""
+    num_cpus: float = 1.0
+    """Ray resources per trial: CPUs."""
+    num_gpus: float = 0.0
+    """Ray resources per trial: GPUs."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run_dir: str = "runs/quickstart"
+    """Run directory for every artifact (local path or fsspec URL)."""
+    seed: int = 0
+    """Run seed; every random generator is derived from it and a position."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+SECTIONS = ("data", "model", "experts", "scores", "select", "distill", "eval", "tune")
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass
+# --------------------------------------------------------------------------------------------
+
+
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check ``value`` against a field annotation; returns (ok, coerced value).
+
+    Only the annotations used above are handled: str, int, float, bool, dict, X | None.
+    An int is accepted for a float field (YAML writes 1000 for 1000.0); a bool is never an int.
+    """
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None:
+            return (type(None) in args), None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, coerced = _type_ok(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict), value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if annotation is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        return False, value
+    if annotation is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    return text.replace("<class '", "").replace("'>", "")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from ``data``, appending a line to ``problems`` per bad key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            problems.append(f"{path}: unknown field; valid fields: {', '.join(names)}")
+            continue
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                problems.append(f"{path} must be a mapping of fields, got {value!r}")
+                continue
+            kwargs[key] = _build(annotation, value, f"{path}.", problems)
+            continue
+        ok, coerced = _type_ok(value, annotation)
+        if not ok:
+            problems.append(f"{path} must be of type {_type_name(annotation)}, got {value!r}")
+            continue
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any], *, check: bool = True) -> RunConfig:
+    """Build a RunConfig from a nested dict; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"the configuration must be a mapping, got {type(data).__name__}"])
+    problems: list[str] = []
+    cfg = _build(RunConfig, data, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--distill.alpha", "0.3", "--run_dir=/tmp/r"]`` -> ``{"distill.alpha": 0.3, "run_dir": "/tmp/r"}``.
+
+    Values are parsed as YAML scalars. A flag without a value is an error (booleans are written
+    ``--data.download true``), so a forgotten value never swallows the next flag.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError([f"unexpected argument {arg!r}; overrides look like --section.field VALUE"])
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError([f"override --{key} has no value"])
+            raw = args[i + 1]
+            i += 2
+        try:
+            out[key] = _yaml_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); unknown sections are reported by from_dict."""
+    merged = json.loads(json.dumps(data))
+    for dotted, value in overrides.items():
+        node = merged
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([f"{dotted}: {part} is not a section"])
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and saving
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                *, check: bool = True) -> RunConfig:
+    """Defaults <- YAML file (path or fsspec URL) <- overrides; validated unless ``check=False``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        from distill import io
+
+        try:
+            text = io.read_text(path)
+        except FileNotFoundError as err:
+            raise ConfigError([f"config file not found: {path}"]) from err
+        try:
+            data = _yaml_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError([f"{path}: not valid YAML ({err})"]) from err
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        data = apply_overrides(data, overrides)
+    return from_dict(data, check=check)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, run_dir: str | None = None) -> str:
+    """Write the resolved config as ``<run_dir>/config.yaml`` (atomically); returns the URL."""
+    from distill import io
+
+    url = io.join(run_dir or cfg.run_dir, "config.yaml")
+    io.write_text(url, dump_yaml(cfg))
+    return url
+
+
+def config_hash(cfg: RunConfig, *sections: str) -> str:
+    """Short stable hash of the named sections (all when none); artifacts record it in manifests."""
+    full = to_dict(cfg)
+    chosen = {s: full[s] for s in (sections or SECTIONS + ("seed",))}
+    blob = json.dumps(chosen, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Derived values
+# --------------------------------------------------------------------------------------------
+
+
+def n_distill(cfg: RunConfig) -> int:
+    """Learnable images per class: floor(alpha * IPC) (DESIGN.md §2)."""
+    return int(math.floor(cfg.distill.alpha * cfg.select.ipc + 1e-9))
+
+
+def syn_lr_init(cfg: RunConfig) -> float:
+    return cfg.distill.syn_lr_init if cfg.distill.syn_lr_init is not None else cfg.experts.lr
+
+
+def bn_group(cfg: RunConfig, num_classes: int) -> int:
+    return cfg.distill.bn_group or batch_syn(cfg, num_classes)
+
+
+def batch_syn(cfg: RunConfig, num_classes: int) -> int:
+    return cfg.distill.batch_syn or cfg.select.ipc * num_classes
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+SELECT_INITS = ("window", "random", "topk")
+SCORE_KINDS = ("forgetting", "el2n", "cscore")
+EXPERT_AUGMENTS = ("dsa", "none")
+DISTILL_AUGMENTS = ("dsa", "none")
+DISTILL_MODES = ("joint", "merge")
+EVAL_AUGMENTS = ("combined", "dsa", "simple", "none")
+
+
+def _choice(problems: list[str], path: str, value: Any, allowed: tuple[str, ...] | list[str]) -> bool:
+    if value not in allowed:
+        problems.append(f"{path} must be one of {', '.join(allowed)}; got {value!r}")
+        return False
+    return True
+
+
+def _range(problems: list[str], path: str, value: float | None, lo: float | None = None,
+           hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    if value is None:
+        return
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+        hi is not None and (value >= hi if hi_open else value > hi))
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        problems.append(f"{path} must be in {left}{lo_s}, {hi_s}{right}, got {value:g}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every field and the relations between them; raise one ConfigError listing all."""
+    from distill import data as data_mod
+    from distill import models as models_mod
+
+    problems: list[str] = []
+    info = None
+    if _choice(problems, "data.name", cfg.data.name, data_mod.dataset_names()):
+        try:
+            info = data_mod.get_info(cfg.data.name, train_per_class=cfg.data.train_per_class,
+                                     options=cfg.data.options)
+        except ValueError as err:
+            problems.append(f"data.options: {err}")
+    _range(problems, "data.train_per_class", cfg.data.train_per_class, 1)
+
+    models = models_mod.model_names()
+    _choice(problems, "model.name", cfg.model.name, models)
+    _choice(problems, "model.norm", cfg.model.norm, models_mod.NORMS)
+    _range(problems, "model.width", cfg.model.width, 1)
+    _range(problems, "model.depth", cfg.model.depth, 1)
+    _choice(problems, "eval.model", cfg.eval.model, models)
+
+    ex = cfg.experts
+    _range(problems, "experts.num_experts", ex.num_experts, 1)
+    _range(problems, "experts.epochs", ex.epochs, 1)
+    _range(problems, "experts.lr", ex.lr, 0, lo_open=True)
+    _range(problems, "experts.momentum", ex.momentum, 0, 1, hi_open=True)
+    _range(problems, "experts.weight_decay", ex.weight_decay, 0)
+    _range(problems, "experts.batch_size", ex.batch_size, 1)
+    _choice(problems, "experts.augment", ex.augment, EXPERT_AUGMENTS)
+    _range(problems, "experts.el2n_epoch", ex.el2n_epoch, 1, ex.epochs)
+    _range(problems, "experts.num_cpus", ex.num_cpus, 0)
+    _range(problems, "experts.num_gpus", ex.num_gpus, 0)
+
+    if _choice(problems, "scores.kind", cfg.scores.kind, SCORE_KINDS):
+        if cfg.scores.kind == "cscore" and not cfg.scores.file:
+            problems.append("scores.file is required when scores.kind is cscore "
+                            "(C-scores cannot be computed here; e.g. ../shared/scores/cscores_CIFAR10.npz)")
+
+    sel = cfg.select
+    _choice(problems, "select.init", sel.init, SELECT_INITS)
+    _range(problems, "select.ipc", sel.ipc, 1)
+    _range(problems, "select.beta", sel.beta, 0, 1, hi_open=True)
+    if info is not None and sel.ipc >= 1:
+        n_c = info.min_class_size
+        if sel.ipc > n_c:
+            problems.append(f"select.ipc ({sel.ipc}) is larger than the smallest class of "
+                            f"{info.name} ({n_c} training samples)")
+        elif sel.init == "window" and sel.beta + sel.ipc / n_c > 1 + 1e-9:
+            problems.append(
+                f"select.beta ({sel.beta:g}) + select.ipc / class size ({sel.ipc}/{n_c} = "
+                f"{sel.ipc / n_c:.4g}) must be <= 1 so the window fits in the class; "
+                f"use select.beta <= {1 - sel.ipc / n_c:.4g}")
+
+    d = cfg.distill
+    _range(problems, "distill.alpha", d.alpha, 0, 1)
+    _range(problems, "distill.iterations", d.iterations, 0)
+    _range(problems, "distill.syn_steps", d.syn_steps, 1)
+    _range(problems, "distill.expert_epochs", d.expert_epochs, 1)
+    _range(problems, "distill.max_start_epoch", d.max_start_epoch, 1)
+    _range(problems, "distill.batch_syn", d.batch_syn, 1)
+    _range(problems, "distill.bn_group", d.bn_group, 1)
+    _range(problems, "distill.lr_images", d.lr_images, 0, lo_open=True)
+    _range(problems, "distill.lr_lr", d.lr_lr, 0)
+    _range(problems, "distill.syn_lr_init", d.syn_lr_init, 0, lo_open=True)
+    _range(problems, "distill.momentum", d.momentum, 0, 1, hi_open=True)
+    _range(problems, "distill.checkpoint_every", d.checkpoint_every, 1)
+    _range(problems, "distill.log_every", d.log_every, 1)
+    _choice(problems, "distill.mode", d.mode, DISTILL_MODES)
+    _choice(problems, "distill.augment", d.augment, DISTILL_AUGMENTS)
+    if d.max_start_epoch + d.expert_epochs > ex.epochs:
+        problems.append(
+            f"distill.max_start_epoch + distill.expert_epochs ({d.max_start_epoch} + "
+            f"{d.expert_epochs}) must be <= experts.epochs ({ex.epochs}): the target "
+            f"epoch t + M must exist in every expert trajectory")
+    if info is not None and sel.ipc >= 1:
+        total = sel.ipc * info.num_classes
+        b = batch_syn(cfg, info.num_classes)
+        if b > total:
+            problems.append(f"distill.batch_syn ({b}) exceeds the synthetic set size "
+                            f"(select.ipc x classes = {total})")
+        g = d.bn_group or b
+        if b >= 1 and g >= 1 and b % g != 0:
+            problems.append(f"distill.bn_group ({g}) must divide distill.batch_syn ({b})")
+
+    ev = cfg.eval
+    _range(problems, "eval.runs", ev.runs, 1)
+    _range(problems, "eval.epochs", ev.epochs, 1)
+    _range(problems, "eval.lr", ev.lr, 0, lo_open=True)
+    _range(problems, "eval.momentum", ev.momentum, 0, 1, hi_open=True)
+    _range(problems, "eval.weight_decay", ev.weight_decay, 0)
+    _range(problems, "eval.batch_size", ev.batch_size, 1)
+    _choice(problems, "eval.augment", ev.augment, EVAL_AUGMENTS)
+
+    t = cfg.tune
+    _range(problems, "tune.beta_step", t.beta_step, 0, 1, lo_open=True)
+    _range(problems, "tune.alpha_step", t.alpha_step, 0, 1, lo_open=True)
+    _range(problems, "tune.beta_epoch_fraction", t.beta_epoch_fraction, 0, 1, lo_open=True)
+    _range(problems, "tune.alpha_iterations", t.alpha_iterations, 1)
+    _range(problems, "tune.max_concurrent", t.max_concurrent, 1)
+    _range(problems, "tune.num_cpus", t.num_cpus, 0)
+    _range(problems, "tune.num_gpus", t.num_gpus, 0)
+
+    if problems:
+        raise ConfigError(problems)
+    return cfg

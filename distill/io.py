@@ -1,0 +1,132 @@
+"""Artifact I/O through fsspec, so a run directory may be a local path, ``memory://`` or ``s3://``.
+
+Every write is atomic: the bytes go to a temporary sibling name first and are then moved onto the
+final name, so a crash never leaves a half-written file under the name a reader looks for.
+Readers that need more than "the file exists" (experts, checkpoints) also record sizes and
+checksums in their manifests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import torch
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL/path components with '/' (fsspec's separator everywhere, also on local paths)."""
+    out = str(base).rstrip("/")
+    for part in parts:
+        out = f"{out}/{str(part).strip('/')}"
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = _fs(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def listdir(url: str) -> list[str]:
+    """Base names under a directory URL ([] when it does not exist)."""
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        return []
+    return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def remove(url: str) -> None:
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def size(url: str) -> int:
+    fs, path = _fs(url)
+    return int(fs.size(path))
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Atomic write: temporary sibling, then move onto ``url``."""
+    fs, path = _fs(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        if fs.exists(path) and not _is_local(fs):
+            fs.rm(path)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    # A local rename replaces the target atomically; other filesystems need the old one removed.
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_text(url))
+
+
+def write_json(url: str, obj: Any) -> None:
+    write_text(url, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def torch_save(url: str, obj: Any) -> str:
+    """Atomically ``torch.save`` ``obj``; returns the sha256 of the bytes written."""
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    write_bytes(url, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def torch_load(url: str, *, expected_sha256: str | None = None, expected_size: int | None = None) -> Any:
+    """Load a ``torch.save`` file; with expectations, a truncated or altered file raises ValueError."""
+    data = read_bytes(url)
+    if expected_size is not None and len(data) != expected_size:
+        raise ValueError(f"{url}: size {len(data)} bytes, expected {expected_size} "
+                         f"(truncated or overwritten; delete it and re-create it)")
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ValueError(f"{url}: checksum mismatch (corrupt file; delete it and re-create it)")
+    try:
+        return torch.load(_io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for damaged archives
+        raise ValueError(f"{url}: cannot be read as a torch file ({err})") from err

@@ -1,0 +1,132 @@
+"""The ``selmatch`` command line.
+
+    selmatch --help
+    selmatch config show --config configs/quickstart.yaml --distill.alpha 0.3
+    selmatch data list
+
+Every command that takes ``--config F`` also takes dotted overrides of config fields
+(``--distill.alpha 0.3``, ``--run_dir /tmp/r``). Library code raises; only this module turns
+exceptions into a message on stderr and a non-zero exit status (2 for bad input, 1 otherwise), so
+a Ray Tune trial or a CI job never mistakes a failure for a success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+from distill.config import ConfigError, RunConfig, load_config
+
+# name -> (help, "module:function"); the handler is imported only when its command runs, so that
+# `selmatch --help` stays fast and Ray/DeepSpeed are imported only by the commands that use them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("show the resolved configuration (config show --config F)", "launch.cli:cmd_config"),
+    "data": ("list the datasets and whether they are available here (data list)", "launch.cli:cmd_data"),
+    "experts": ("train expert trajectories (Ray workers; --workers 0 = in-process)",
+                "launch.experts:cmd_experts"),
+    "scores": ("compute or import difficulty scores (scores/<kind>.npy)", "launch.scores:cmd_scores"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selmatch",
+        description="SelMatch dataset distillation: selection-based initialisation plus partial "
+                    "trajectory-matching updates. Commands that take --config F also take dotted "
+                    "overrides such as --distill.alpha 0.3.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "config":
+            p.add_argument("action", choices=["show"])
+            p.add_argument("--config", help="YAML config file (path or fsspec URL)")
+        elif name == "data":
+            p.add_argument("action", choices=["list"])
+        else:
+            p.add_argument("--config", required=True, help="YAML config file (path or fsspec URL)")
+            _extra_args(name, p)
+    return parser
+
+
+def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
+    if name == "experts":
+        p.add_argument("--workers", type=int, default=None,
+                       help="parallel Ray workers (0 = train in-process without Ray; default: Ray decides)")
+        p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
+    if name in ("distill", "run"):
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    if name == "tune":
+        p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
+
+
+def _load(target: str) -> Callable[..., int | None]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def resolve_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
+    return load_config(getattr(args, "config", None), overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    from distill.config import dump_yaml
+
+    cfg = resolve_config(args, overrides)
+    sys.stdout.write(dump_yaml(cfg))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
+    from distill import data
+
+    if overrides:
+        raise ConfigError([f"data list takes no overrides, got {' '.join(overrides)}"])
+    rows = []
+    for name in data.dataset_names():
+        info = data.get_info(name)
+        ok, where = data.dataset_status(name)
+        shape = "x".join(str(s) for s in info.image_shape)
+        rows.append((name, "yes" if ok else "no", str(info.num_classes), shape, where))
+    header = ("dataset", "available", "classes", "shape", "where / how to get it")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    for row in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = _load(COMMANDS[args.command][1])
+    try:
+        return int(handler(args, overrides) or 0)
+    except ConfigError as err:
+        print(f"selmatch {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"selmatch {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"selmatch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Config loading, overrides and validation: every shipped YAML validates, bad input names its field."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from distill import io
+from distill.config import (
+    ConfigError,
+    RunConfig,
+    config_hash,
+    dump_yaml,
+    from_dict,
+    load_config,
+    n_distill,
+    parse_overrides,
+    save_config,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+
+
+def test_configs_exist():
+    names = {os.path.basename(p) for p in CONFIGS}
+    expected = {"quickstart.yaml"}
+    expected |= {f"cifar10_ipc{i}.yaml" for i in (250, 500, 1000, 1500)}
+    expected |= {f"cifar100_ipc{i}.yaml" for i in (25, 50, 100, 150)}
+    expected |= {f"tiny_ipc{i}.yaml" for i in (50, 100)}
+    expected |= {f"fmnist_ipc{i}.yaml" for i in (60, 300, 600)}
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    # The file sets only known fields: loading it raw must not hit defaults for typos.
+    raw = yaml.safe_load(open(path))
+    assert set(raw) <= {"run_dir", "seed", "data", "model", "experts", "scores", "select",
+                        "distill", "eval", "tune"}
+    if cfg.scores.file:
+        assert os.path.exists(os.path.join(REPO, cfg.scores.file)), cfg.scores.file
+
+
+def _problems(**sections) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        from_dict(sections)
+    return info.value.problems
+
+
+def test_alpha_out_of_range_names_field():
+    (p,) = _problems(distill={"alpha": 1.5})
+    assert "distill.alpha" in p and "1.5" in p and "[0, 1]" in p
+
+
+def test_window_beyond_class_is_an_error():
+    # digits' smallest class has ~140 training samples: beta 0.95 + 10/140 > 1
+    (p,) = _problems(select={"ipc": 10, "beta": 0.95})
+    assert "select.beta" in p and "select.ipc" in p and "<= 1" in p
+
+
+def test_ipc_larger_than_class():
+    problems = _problems(select={"ipc": 10_000})
+    assert any("select.ipc" in p and "larger than the smallest class" in p for p in problems)
+
+
+def test_unknown_dataset_and_model_names_list_choices():
+    problems = _problems(data={"name": "imagenet21k"}, model={"name": "vit"}, eval={"model": "mlp"})
+    joined = "\n".join(problems)
+    assert "data.name" in joined and "digits" in joined and "imagenet21k" in joined
+    assert "model.name" in joined and "convnet" in joined
+    assert "eval.model" in joined and "resnet18" in joined
+
+
+def test_all_problems_reported_at_once():
+    problems = _problems(distill={"alpha": -1, "syn_steps": 0}, eval={"runs": 0})
+    assert len(problems) == 3
+
+
+def test_unknown_field_and_wrong_type():
+    problems = _problems(distill={"alfa": 0.3, "syn_steps": "many"})
+    assert any("distill.alfa" in p and "unknown field" in p and "alpha" in p for p in problems)
+    assert any("distill.syn_steps" in p and "int" in p for p in problems)
+
+
+def test_bool_is_not_an_int():
+    (p,) = _problems(seed=True)
+    assert "seed" in p
+
+
+def test_trajectory_must_be_long_enough():
+    (p,) = _problems(experts={"epochs": 10}, distill={"max_start_epoch": 9, "expert_epochs": 2})
+    assert "distill.max_start_epoch" in p and "experts.epochs" in p
+
+
+def test_bn_group_must_divide_batch():
+    (p,) = _problems(distill={"batch_syn": 50, "bn_group": 16})
+    assert "distill.bn_group" in p
+
+
+def test_cscore_needs_file():
+    (p,) = _problems(scores={"kind": "cscore"})
+    assert "scores.file" in p
+
+
+def test_overrides_are_yaml_scalars():
+    got = parse_overrides(["--distill.alpha", "0.3", "--run_dir=/tmp/r", "--distill.batch_syn",
+                           "null", "--data.download", "true", "--distill.lr_lr", "1e-5"])
+    assert got == {"distill.alpha": 0.3, "run_dir": "/tmp/r", "distill.batch_syn": None,
+                   "data.download": True, "distill.lr_lr": 1e-5}
+    with pytest.raises(ConfigError, match="no value"):
+        parse_overrides(["--distill.alpha", "--seed", "1"])
+
+
+def test_load_with_overrides_and_hash():
+    path = os.path.join(REPO, "configs", "quickstart.yaml")
+    base = load_config(path)
+    cfg = load_config(path, ["--distill.alpha", "0.3", "--seed", "7"])
+    assert cfg.distill.alpha == 0.3 and cfg.seed == 7
+    assert cfg.select.ipc == base.select.ipc
+    assert config_hash(cfg, "experts") == config_hash(base, "experts")
+    assert config_hash(cfg, "distill") != config_hash(base, "distill")
+    with pytest.raises(ConfigError, match="distill.alpha"):
+        load_config(path, ["--distill.alpha", "2"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/cfg.yaml")
+
+
+def test_resolved_config_roundtrip_through_fsspec():
+    cfg = load_config(None, {"run_dir": "memory://cfgtest/run", "distill.alpha": 0.25})
+    url = save_config(cfg)
+    assert url == "memory://cfgtest/run/config.yaml"
+    again = load_config(url)
+    assert again == cfg
+    assert dump_yaml(again) == io.read_text(url)
+
+
+def test_n_distill_floor():
+    cfg = from_dict({"select": {"ipc": 10}, "distill": {"alpha": 0.29}})
+    assert n_distill(cfg) == 2
+    cfg = from_dict({"select": {"ipc": 10}, "distill": {"alpha": 0.3}})
+    assert n_distill(cfg) == 3  # 0.3 * 10 is 2.9999999999999996 in floating point
