@@ -1,0 +1,114 @@
+"""``selmatch experts``: train expert trajectories in parallel, one Ray task per expert.
+
+    selmatch experts --config configs/quickstart.yaml                 # local Ray (ray.init())
+    selmatch experts --config configs/quickstart.yaml --workers 0     # in-process, no Ray
+    selmatch experts --config configs/quickstart.yaml --workers 2     # at most 2 tasks at once
+    selmatch experts --config configs/cifar10_ipc250.yaml --ray-address auto   # join a cluster
+
+Each task requests ``experts.num_cpus`` CPUs and ``experts.num_gpus`` GPUs (fractions share a
+GPU). Experts already recorded in ``<run_dir>/experts/manifest.json`` are skipped, so an
+interrupted job resumes by running the same command again. The dataset is put in Ray's object
+store once and shared by all tasks. Results are recorded by this driver process as they finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from distill.config import RunConfig, save_config
+from distill.data import Dataset, load_dataset
+from distill.experts import train_expert
+from distill.trajectories import ExpertStore
+
+log = logging.getLogger(__name__)
+
+
+def _device(cfg: RunConfig) -> str:
+    return "cuda" if cfg.experts.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def train_and_save(cfg: RunConfig, ds: Dataset, expert_id: int, progress: bool = False) -> dict:
+    """Train one expert and write its file; returns the manifest entry (runs on a worker)."""
+    result = train_expert(cfg, ds, expert_id, device=_device(cfg), progress=progress)
+    return ExpertStore(cfg).save(result)
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    return load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download,
+                        train_per_class=cfg.data.train_per_class, options=cfg.data.options)
+
+
+def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str | None = None,
+                progress: bool = True) -> dict:
+    """Train every missing expert; returns the manifest. ``workers=0`` trains without Ray."""
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
+    store = ExpertStore(cfg)
+    missing = store.missing_ids()
+    done = cfg.experts.num_experts - len(missing)
+    save_config(cfg)
+    if not missing:
+        log.info("all %d experts present in %s; nothing to do", cfg.experts.num_experts, store.dir)
+        return store.manifest()
+    log.info("%d of %d experts present; training %d (%s)", done, cfg.experts.num_experts,
+             len(missing), "in-process" if workers == 0 else "Ray")
+    ds = load_data(cfg)
+    bar = tqdm(total=len(missing), desc="experts", disable=not progress)
+    if workers == 0:
+        for expert_id in missing:
+            entry = train_and_save(cfg, ds, expert_id, progress=progress)
+            store.record(entry)
+            _report(bar, entry)
+    else:
+        _run_on_ray(cfg, ds, missing, store, bar, workers=workers, address=ray_address)
+    bar.close()
+    return store.manifest()
+
+
+def _report(bar: tqdm, entry: dict) -> None:
+    bar.update(1)
+    acc = entry["test_acc"][-1] if entry["test_acc"] else float("nan")
+    bar.set_postfix(last=entry["id"], test_acc=f"{acc:.3f}")
+    log.debug("expert %d: test acc %.4f, %.1f s", entry["id"], acc, entry["seconds"])
+
+
+def _run_on_ray(cfg: RunConfig, ds: Dataset, missing: list[int], store: ExpertStore, bar: tqdm,
+                *, workers: int | None, address: str | None) -> None:
+    import ray
+
+    from launch.ray_utils import init_ray
+
+    started = init_ray(address)
+    try:
+        task = ray.remote(num_cpus=cfg.experts.num_cpus, num_gpus=cfg.experts.num_gpus,
+                          max_retries=1)(train_and_save)
+        ds_ref = ray.put(ds)
+        limit = workers or len(missing)
+        queue = list(missing)
+        running = []
+        while queue or running:
+            while queue and len(running) < limit:
+                running.append(task.remote(cfg, ds_ref, queue.pop(0)))
+            finished, running = ray.wait(running, num_returns=1)
+            entry = ray.get(finished[0])
+            store.record(entry)
+            _report(bar, entry)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def cmd_experts(args, overrides: list[str]) -> int:
+    from launch.cli import resolve_config
+
+    cfg = resolve_config(args, overrides)
+    manifest = run_experts(cfg, workers=args.workers, ray_address=args.ray_address)
+    accs = [e["test_acc"][-1] for e in manifest["experts"].values() if e["test_acc"]]
+    if accs:
+        log.info("%d experts in %s; final test accuracy %.4f (min %.4f, max %.4f)", len(accs),
+                 os.path.join(cfg.run_dir, "experts"), sum(accs) / len(accs), min(accs), max(accs))
+    return 0

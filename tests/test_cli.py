@@ -1,0 +1,88 @@
+"""The selmatch command line: resolved config, clear errors with non-zero exit, data list, stages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import yaml
+
+from distill import io
+from launch.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(REPO, "configs", "quickstart.yaml")
+
+
+def test_config_show_applies_overrides(capsys):
+    assert main(["config", "show", "--config", QUICK, "--distill.alpha", "0.3",
+                 "--run_dir=/tmp/x"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["distill"]["alpha"] == 0.3
+    assert shown["run_dir"] == "/tmp/x"
+    assert shown["data"]["name"] == "digits"
+
+
+def test_bad_override_exits_2_naming_field(capsys):
+    assert main(["config", "show", "--config", QUICK, "--distill.alpha", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "distill.alpha must be in [0, 1], got 1.5" in err
+
+
+def test_unknown_override_field(capsys):
+    assert main(["config", "show", "--config", QUICK, "--distill.alfa", "0.3"]) == 2
+    assert "distill.alfa: unknown field" in capsys.readouterr().err
+
+
+def test_data_list(capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+    assert rows["digits"] == "yes" and rows["synthetic"] == "yes"
+    assert set(rows) == {"digits", "synthetic", "fashion_mnist", "mnist", "cifar10", "cifar100",
+                         "tinyimagenet"}
+    if os.path.isdir("/usr/share/datasets/fashion-mnist"):
+        assert rows["fashion_mnist"] == "yes"
+
+
+def test_console_script_help_and_exit_code():
+    exe = os.path.join(os.path.dirname(sys.executable), "selmatch")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "experts" in out.stdout and "config" in out.stdout
+    bad = subprocess.run([exe, "config", "show", "--config", QUICK, "--select.ipc", "100000"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "select.ipc" in bad.stderr
+
+
+def test_experts_and_scores_commands_in_process(capsys):
+    run_dir = "memory://cli-test/run"
+    common = ["--config", QUICK, "--run_dir", run_dir, "--data.train_per_class", "20",
+              "--model.width", "8", "--experts.num_experts", "2", "--experts.epochs", "2",
+              "--distill.max_start_epoch", "1", "--distill.expert_epochs", "1"]
+    assert main(["experts", "--workers", "0", *common]) == 0
+    manifest = io.read_json(f"{run_dir}/experts/manifest.json")
+    assert sorted(manifest["experts"]) == ["0", "1"]
+    assert main(["scores", *common]) == 0
+    assert main(["scores", *common, "--scores.kind", "el2n"]) == 0
+    forget = io.read_bytes(f"{run_dir}/scores/forgetting.npy")
+    assert len(forget) > 200 * 8  # 200 float64 values plus the .npy header
+    assert io.read_json(f"{run_dir}/scores/el2n.json")["hard_end"] == "high"
+    assert yaml.safe_load(io.read_text(f"{run_dir}/config.yaml"))["scores"]["kind"] == "el2n"
+
+
+def test_scores_before_experts_says_what_to_run(capsys, tmp_path):
+    assert main(["scores", "--config", QUICK, "--run_dir", str(tmp_path)]) == 2
+    assert "selmatch experts" in capsys.readouterr().err
+
+
+def test_import_scores_command(tmp_path, capsys):
+    n = 300  # digits, 30 per class
+    np.save(tmp_path / "f.npy", np.arange(n, dtype=np.float32))
+    args = ["scores", "--config", QUICK, "--run_dir", str(tmp_path / "r"),
+            "--data.train_per_class", "30", "--scores.file", str(tmp_path / "f.npy")]
+    assert main(args) == 0
+    np.save(tmp_path / "f.npy", np.arange(n + 1, dtype=np.float32))
+    assert main(args) == 2
+    assert "301 scores" in capsys.readouterr().err
