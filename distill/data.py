@@ -426,3 +426,9 @@ def load_dataset(name: str, *, root: str | None = None, download: bool = False,
 def dataset_status(name: str, root: str | None = None) -> tuple[bool, str]:
     """(available here?, where it is or why not); checks that files exist, reads nothing."""
     return get_spec(name).status(root)
+
+
+def load_configured(data_cfg) -> Dataset:
+    """The dataset described by a ``DataConfig`` (name, root, download, subset, options)."""
+    return load_dataset(data_cfg.name, root=data_cfg.root, download=data_cfg.download,
+                        train_per_class=data_cfg.train_per_class, options=data_cfg.options)

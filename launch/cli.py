@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experts": ("train expert trajectories (Ray workers; --workers 0 = in-process)",
                 "launch.experts:cmd_experts"),
     "scores": ("compute or import difficulty scores (scores/<kind>.npy)", "launch.scores:cmd_scores"),
+    "distill": ("select and distill the synthetic set (same as distill/main.py; --resume)",
+                "distill.main:cmd_distill"),
 }
 
 

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.config import RunConfig, save_config
-from distill.data import Dataset, load_dataset
+from distill.data import Dataset, load_configured
 from distill.experts import train_expert
 from distill.trajectories import ExpertStore
 
@@ -38,8 +38,7 @@ def train_and_save(cfg: RunConfig, ds: Dataset, expert_id: int, progress: bool =
 
 
 def load_data(cfg: RunConfig) -> Dataset:
-    return load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download,
-                        train_per_class=cfg.data.train_per_class, options=cfg.data.options)
+    return load_configured(cfg.data)
 
 
 def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str | None = None,

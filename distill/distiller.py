@@ -1,0 +1,211 @@
+"""The distillation loop: sample an expert segment, match, update D_distill and syn_lr, checkpoint.
+
+Every random choice is a function of (run seed, iteration): which expert, which start epoch, the
+batches and the augmentation. A checkpoint therefore needs no RNG state, and a run resumed from
+iteration k ends bit for bit where an uninterrupted run ends (on CPU; tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import resource
+import time
+from collections import OrderedDict
+
+import torch
+from tqdm.auto import tqdm
+
+from distill import storage
+from distill.augment import DSA, make_generator
+from distill.config import RunConfig, batch_syn, bn_group, config_hash
+from distill.data import Dataset
+from distill.experts import build_network
+from distill.matching import LOCAL, Collectives, Student, make_plan, match_replay, theta_pair
+from distill.metrics import Metrics
+from distill.synset import SyntheticSet
+from distill.trajectories import ExpertStore
+
+log = logging.getLogger(__name__)
+
+_SAMPLE = 41  # generator stream tag for (expert, start epoch)
+_NOT_HASHED = ("iterations", "checkpoint_every", "log_every")  # may change on --resume
+
+
+class DivergenceError(FloatingPointError):
+    """The matching loss or a gradient became NaN/Inf."""
+
+
+def method_name(cfg: RunConfig) -> str:
+    """Artifact name of the distilled set: merge, mtt (random init) or selmatch."""
+    if cfg.distill.mode == "merge":
+        return "merge"
+    return "mtt" if cfg.select.init == "random" else "selmatch"
+
+
+def resume_hash(cfg: RunConfig) -> str:
+    """Everything that must not change between a checkpoint and its resumption."""
+    d = dataclasses.replace(cfg.distill, **{k: 0 for k in _NOT_HASHED})
+    return config_hash(dataclasses.replace(cfg, distill=d), "data", "model", "experts", "scores",
+                       "select", "distill", "seed")
+
+
+class TrajectoryCache:
+    """Expert trajectories loaded on demand, the most recent ``size`` kept in memory."""
+
+    def __init__(self, store: ExpertStore, size: int = 8):
+        self.store, self.size = store, size
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __call__(self, expert_id: int) -> torch.Tensor:
+        if expert_id in self._cache:
+            self._cache.move_to_end(expert_id)
+        else:
+            self._cache[expert_id] = self.store.trajectory(expert_id)
+            if len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return self._cache[expert_id]
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Distiller:
+    def __init__(self, cfg: RunConfig, ds: Dataset, synset: SyntheticSet, store: ExpertStore, *,
+                 comm: Collectives = LOCAL, device: torch.device | str = "cpu",
+                 metrics: Metrics | None = None, is_main: bool = True):
+        self.cfg, self.ds, self.synset = cfg, ds, synset
+        self.comm, self.device, self.is_main = comm, torch.device(device), is_main
+        self.metrics = metrics or Metrics()
+        self.method = method_name(cfg)
+        self.expert_ids = store.finished_ids()
+        if not self.expert_ids:
+            raise FileNotFoundError(f"no finished experts in {store.dir}; run `selmatch experts`")
+        self.trajectories = TrajectoryCache(store)
+        dtype = synset.distilled.dtype
+        self.dsa = DSA() if cfg.distill.augment == "dsa" else None
+        self.student = Student.of(build_network(cfg, ds).to(self.device), self.dsa, dtype,
+                                  self.device)
+        # merge (ablation): D_distill is matched alone and concatenated afterwards
+        n_match = len(synset.distilled) if self.method == "merge" else len(synset)
+        self.batch = min(batch_syn(cfg, ds.info.num_classes), n_match)
+        self.group = bn_group(cfg, ds.info.num_classes)
+        if self.batch % self.group:
+            raise ValueError(f"distill.bn_group {self.group} must divide the batch {self.batch} "
+                             f"(distill.batch_syn, capped at the {n_match} images matched)")
+        momentum = cfg.distill.momentum
+        self.opt_images = torch.optim.SGD([synset.distilled], lr=cfg.distill.lr_images,
+                                          momentum=momentum)
+        self.opt_lr = torch.optim.SGD([synset.syn_lr], lr=cfg.distill.lr_lr, momentum=momentum)
+        self.iteration = 0
+        self.history: list[dict] = []
+
+    # -- one iteration -----------------------------------------------------------------------
+
+    def sample_segment(self, iteration: int) -> tuple[int, int]:
+        gen = make_generator(self.cfg.seed, _SAMPLE, iteration)
+        expert = self.expert_ids[int(torch.randint(len(self.expert_ids), (1,), generator=gen))]
+        start = int(torch.randint(self.cfg.distill.max_start_epoch, (1,), generator=gen))
+        return expert, start
+
+    def _matched_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.synset
+        if self.method == "merge":
+            return s.distilled.detach(), s.labels[s.is_distilled.to(s.labels.device)]
+        return s.images().detach(), s.labels
+
+    def step(self, iteration: int) -> dict:
+        d = self.cfg.distill
+        t0 = time.perf_counter()
+        expert, start_epoch = self.sample_segment(iteration)
+        start, target = theta_pair(self.trajectories(expert), start_epoch, d.expert_epochs,
+                                   self.synset.distilled.dtype, self.device)
+        images, labels = self._matched_images()
+        plan = make_plan(len(images), batch=self.batch, steps=d.syn_steps, group=self.group,
+                         image_size=tuple(images.shape[-2:]), dsa=self.dsa, seed=self.cfg.seed,
+                         iteration=iteration)
+        res = match_replay(self.student, start, target, images, labels, self.synset.syn_lr, plan,
+                           comm=self.comm)
+        grad = res.grad_images if self.method == "merge" else \
+            res.grad_images[self.synset.is_distilled.to(res.grad_images.device)]
+        self._check_finite(iteration, res.loss, grad, res.grad_lr)
+        self.opt_images.zero_grad(set_to_none=False)
+        self.opt_lr.zero_grad(set_to_none=False)
+        self.synset.distilled.grad = grad.reshape(self.synset.distilled.shape).clone()
+        self.synset.syn_lr.grad = res.grad_lr.reshape(()).clone()
+        self.opt_images.step()
+        self.opt_lr.step()
+        seconds = time.perf_counter() - t0
+        return {"iteration": iteration, "loss": float(res.loss), "syn_lr": float(self.synset.syn_lr.detach()),
+                "expert": expert, "start_epoch": start_epoch, "seconds": round(seconds, 4),
+                "image_steps_per_s": round(self.batch * d.syn_steps / seconds, 1)}
+
+    def _check_finite(self, iteration: int, loss, grad, grad_lr) -> None:
+        if not (math.isfinite(float(loss)) and bool(torch.isfinite(grad).all())
+                and math.isfinite(float(grad_lr))):
+            raise DivergenceError(
+                f"matching loss or gradient is not finite at iteration {iteration} "
+                f"(loss {float(loss)}); the last good checkpoint is kept. Lower "
+                f"distill.lr_images or distill.lr_lr, or distill.syn_steps")
+
+    # -- loop --------------------------------------------------------------------------------
+
+    def run(self, *, checkpoint_url: str | None = None, progress: bool = True) -> list[dict]:
+        d = self.cfg.distill
+        bar = tqdm(range(self.iteration, d.iterations), initial=self.iteration, total=d.iterations,
+                   desc=f"distill {self.method}", disable=not (progress and self.is_main))
+        for it in bar:
+            record = self.step(it)
+            self.iteration = it + 1
+            self.history.append({k: record[k] for k in ("iteration", "loss", "syn_lr")})
+            bar.set_postfix(loss=f"{record['loss']:.4f}", syn_lr=f"{record['syn_lr']:.4g}")
+            if self.iteration % d.log_every == 0 or self.iteration == d.iterations:
+                record["peak_mem_mib"] = round(peak_memory_mib(self.device), 1)
+                self.metrics.log(step=self.iteration, **record)
+                if self.is_main:
+                    log.info("it %d/%d loss %.4f syn_lr %.5g %.0f img-steps/s mem %.0f MiB",
+                             self.iteration, d.iterations, record["loss"], record["syn_lr"],
+                             record["image_steps_per_s"], record["peak_mem_mib"])
+            if checkpoint_url and (self.iteration % d.checkpoint_every == 0
+                                   or self.iteration == d.iterations):
+                self.save_checkpoint(checkpoint_url)
+        return self.history
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "method": self.method,
+            "resume_hash": resume_hash(self.cfg),
+            "distilled": self.synset.distilled.detach().cpu().clone(),
+            "syn_lr": self.synset.syn_lr.detach().cpu().clone(),
+            "source_index": self.synset.source_index.cpu(),
+            "opt_images": self.opt_images.state_dict(),
+            "opt_lr": self.opt_lr.state_dict(),
+            "history": list(self.history),
+        }
+
+    def save_checkpoint(self, url: str) -> None:
+        if self.is_main:
+            storage.torch_save(url, self.checkpoint_state())
+            self.metrics.flush()
+
+    def load_checkpoint(self, url: str) -> None:
+        state = storage.torch_load(url)
+        if state.get("resume_hash") != resume_hash(self.cfg):
+            raise ValueError(f"{url} was written with other settings (only distill.iterations, "
+                             f"checkpoint_every and log_every may change on --resume)")
+        if not torch.equal(state["source_index"], self.synset.source_index.cpu()):
+            raise ValueError(f"{url}: its synthetic set was selected from other images")
+        with torch.no_grad():
+            self.synset.distilled.copy_(state["distilled"].to(self.synset.distilled))
+            self.synset.syn_lr.copy_(state["syn_lr"].to(self.synset.syn_lr))
+        self.opt_images.load_state_dict(state["opt_images"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
+        self.iteration = int(state["iteration"])
+        self.history = list(state["history"])

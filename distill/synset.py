@@ -1,0 +1,140 @@
+"""The synthetic set: frozen D_select rows, learnable D_distill rows, labels and a learnable lr.
+
+One file format for every method (DESIGN.md §1): ``<run_dir>/synset/<method>.pt`` is a
+``torch.save`` dict with ``images`` (float, model input space), ``labels`` (long),
+``is_distilled`` (bool), ``source_index`` (long, −1 for none), ``syn_lr`` (float), plus ``meta``.
+A PNG grid beside it shows, per class (one column each), the D_select rows above the D_distill rows.
+
+Only ``distilled`` is a leaf that optimisers update; ``selected`` is a plain tensor that nothing
+can change, so D_select stays bit-identical by construction, not by care.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import math
+
+import torch
+
+from distill import storage
+from distill.selection import Selection
+
+METHODS = ("selmatch", "mtt", "merge", "window", "random", "topk")
+
+
+class SyntheticSet:
+    def __init__(self, selected: torch.Tensor, distilled: torch.Tensor, labels: torch.Tensor,
+                 is_distilled: torch.Tensor, source_index: torch.Tensor, syn_lr: float):
+        if int(is_distilled.sum()) != len(distilled) or int((~is_distilled).sum()) != len(selected):
+            raise ValueError("is_distilled does not match the selected/distilled row counts")
+        self.selected = selected.detach().clone()
+        self.distilled = distilled.detach().clone().requires_grad_(True)
+        self.labels = labels.long().clone()
+        self.is_distilled = is_distilled.bool().clone()
+        self.source_index = source_index.long().clone()
+        self.syn_lr = torch.tensor(float(syn_lr), dtype=selected.dtype,
+                                   device=selected.device).requires_grad_(True)
+        # full[i] = cat([selected, distilled])[perm[i]]: keeps the class-major row order
+        order = torch.cat([torch.nonzero(~self.is_distilled).flatten(),
+                           torch.nonzero(self.is_distilled).flatten()])
+        self._perm = torch.empty_like(order)
+        self._perm[order] = torch.arange(len(order))
+
+    @classmethod
+    def from_selection(cls, sel: Selection, x_train: torch.Tensor, syn_lr: float) -> SyntheticSet:
+        images = x_train[sel.source_index]
+        return cls(images[~sel.is_distilled], images[sel.is_distilled], sel.labels,
+                   sel.is_distilled, sel.source_index, syn_lr)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def images(self) -> torch.Tensor:
+        """All rows in class-major order; differentiable w.r.t. ``distilled``."""
+        return torch.cat([self.selected, self.distilled])[self._perm.to(self.selected.device)]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SyntheticSet:
+        return SyntheticSet(self.selected.to(device, dtype), self.distilled.detach().to(device, dtype),
+                            self.labels.to(device), self.is_distilled, self.source_index,
+                            float(self.syn_lr.detach()))
+
+    def frozen(self) -> SyntheticSet:
+        """The same images with every row frozen (a pure selection: nothing is distilled)."""
+        images = self.images().detach()
+        return SyntheticSet(images, images[:0], self.labels, torch.zeros_like(self.is_distilled),
+                            self.source_index, float(self.syn_lr.detach()))
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def state(self, method: str, meta: dict | None = None) -> dict:
+        return {
+            "images": self.images().detach().cpu(),
+            "labels": self.labels.cpu(),
+            "is_distilled": self.is_distilled.cpu(),
+            "source_index": self.source_index.cpu(),
+            "syn_lr": float(self.syn_lr.detach()),
+            "method": method,
+            "meta": dict(meta or {}),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> SyntheticSet:
+        images, mask = state["images"], state["is_distilled"].bool()
+        return cls(images[~mask], images[mask], state["labels"], mask, state["source_index"],
+                   state["syn_lr"])
+
+    def save(self, run_dir: str, method: str, *, meta: dict | None = None,
+             denormalize=None) -> str:
+        """Write ``synset/<method>.pt`` and ``synset/<method>.png`` (atomically)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        url = storage.join(run_dir, "synset", f"{method}.pt")
+        storage.torch_save(url, self.state(method, meta))
+        png = image_grid(self.images().detach().cpu(), self.labels.cpu(), self.is_distilled.cpu(),
+                         denormalize=denormalize)
+        storage.write_bytes(storage.join(run_dir, "synset", f"{method}.png"), png)
+        return url
+
+
+def load_synset(run_dir: str, method: str) -> tuple[SyntheticSet, dict]:
+    url = storage.join(run_dir, "synset", f"{method}.pt")
+    if not storage.exists(url):
+        raise FileNotFoundError(f"no synthetic set {url}; create it with `selmatch distill` "
+                                f"(or `selmatch run`)")
+    state = storage.torch_load(url)
+    return SyntheticSet.from_state(state), state
+
+
+def image_grid(images: torch.Tensor, labels: torch.Tensor, is_distilled: torch.Tensor, *,
+               denormalize=None, max_classes: int = 20, max_rows: int = 10, pad: int = 1) -> bytes:
+    """PNG bytes: one column per class (first ``max_classes``); D_select rows on top (up to
+    ``max_rows``), a gap, then D_distill rows (up to ``max_rows``)."""
+    from PIL import Image
+
+    x = denormalize(images) if denormalize is not None else images
+    x = x.float().clamp(0, 1)
+    c, h, w = x.shape[1:]
+    classes = sorted(set(labels.tolist()))[:max_classes]
+    cols = []
+    for cls in classes:
+        sel = x[(labels == cls) & ~is_distilled][:max_rows]
+        dis = x[(labels == cls) & is_distilled][:max_rows]
+        cols.append((sel, dis))
+    n_sel = max((len(s) for s, _ in cols), default=0)
+    n_dis = max((len(d) for _, d in cols), default=0)
+    gap = 1 if n_sel and n_dis else 0
+    rows = n_sel + n_dis + gap
+    canvas = torch.ones(c, rows * (h + pad) + pad, len(cols) * (w + pad) + pad)
+    for j, (sel, dis) in enumerate(cols):
+        for i, img in enumerate(list(sel) + [None] * (n_sel - len(sel)) + [None] * gap + list(dis)):
+            if img is None:
+                continue
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[:, top:top + h, left:left + w] = img
+    scale = max(1, math.ceil(64 / max(h, w)))  # 8x8 digits become readable
+    arr = (canvas * 255).round().byte().permute(1, 2, 0).numpy()
+    pil = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    buf = _io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,187 @@
+"""The distillation loop: partial updates, MTT as a special case, α = 0, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from distill import storage
+from distill.config import from_dict, syn_lr_init
+from distill.data import load_configured
+from distill.distiller import DivergenceError, Distiller
+from distill.main import initial_set, run_distill
+from distill.matching import make_plan, match_unrolled
+from distill.scores import compute_scores, save_scores
+from distill.synset import load_synset
+from distill.trajectories import ExpertStore
+from launch.experts import run_experts
+
+
+def cfg_for(run_dir, **sections):
+    base = {
+        "run_dir": str(run_dir), "seed": 5,
+        "data": {"name": "digits", "train_per_class": 30},
+        "model": {"name": "convnet", "width": 8, "depth": 1},
+        "experts": {"num_experts": 2, "epochs": 3, "batch_size": 32, "lr": 0.05,
+                    "el2n_epoch": 1},
+        "select": {"ipc": 4, "beta": 0.2, "init": "window"},
+        "distill": {"alpha": 0.5, "iterations": 4, "syn_steps": 3, "expert_epochs": 1,
+                    "max_start_epoch": 2, "batch_syn": 8, "lr_images": 100.0,
+                    "checkpoint_every": 2, "log_every": 1},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Experts and forgetting scores once; each test copies them into its own run_dir."""
+    root = tmp_path_factory.mktemp("prepared")
+    cfg = cfg_for(root)
+    run_experts(cfg, workers=0, progress=False)
+    ds = load_configured(cfg.data)
+    save_scores(cfg.run_dir, compute_scores(cfg, ds))
+    return root
+
+
+def fresh(prepared, tmp_path, **sections):
+    for part in ("experts", "scores"):
+        shutil.copytree(prepared / part, tmp_path / part)
+    return cfg_for(tmp_path, **sections)
+
+
+def test_partial_update_freezes_select_rows(prepared, tmp_path):
+    cfg = fresh(prepared, tmp_path)
+    final = run_distill(cfg, progress=False)
+    window, _ = load_synset(cfg.run_dir, "window")
+    saved, state = load_synset(cfg.run_dir, "selmatch")
+    frozen = ~state["is_distilled"]
+    assert int(state["is_distilled"].sum()) == 20  # floor(0.5 * 4) = 2 per class x 10
+    assert torch.equal(state["images"][frozen], window.images()[frozen])  # bit for bit
+    assert not torch.equal(state["images"][~frozen], window.images()[~frozen])
+    ds = load_configured(cfg.data)
+    assert torch.equal(state["images"][frozen], ds.x_train[state["source_index"][frozen]])
+    assert state["syn_lr"] != syn_lr_init(cfg) and torch.equal(final.images().detach(), state["images"])
+    log = storage.read_text(f"{cfg.run_dir}/logs/distill_selmatch.jsonl").splitlines()
+    assert len(log) == 4
+
+
+def test_alpha_zero_is_the_window_selection(prepared, tmp_path):
+    cfg = fresh(prepared, tmp_path, distill={"alpha": 0.0})
+    run_distill(cfg, progress=False)
+    window, _ = load_synset(cfg.run_dir, "window")
+    _, state = load_synset(cfg.run_dir, "selmatch")
+    assert torch.equal(state["images"], window.images())
+    assert not state["is_distilled"].any()
+    assert not storage.exists(f"{cfg.run_dir}/checkpoints/selmatch.pt")
+
+
+def test_alpha_one_random_init_is_plain_mtt(prepared, tmp_path):
+    """MTT written out in the test (full unroll, SGD with momentum) vs the distiller, float64."""
+    cfg = fresh(prepared, tmp_path, select={"init": "random"}, distill={"alpha": 1.0})
+    ds = load_configured(cfg.data)
+    synset = initial_set(cfg, ds).to("cpu", torch.float64)
+    assert synset.is_distilled.all() and len(synset.selected) == 0
+    distiller = Distiller(cfg, ds, synset, ExpertStore(cfg))
+    assert distiller.method == "mtt"
+
+    images = synset.images().detach().clone()
+    lr = synset.syn_lr.detach().clone()
+    assert abs(float(lr) - syn_lr_init(cfg)) < 1e-8  # experts.lr, as in MTT
+    v_img, v_lr = torch.zeros_like(images), torch.zeros_like(lr)
+    store = ExpertStore(cfg)
+    for it in range(3):
+        expert, t = distiller.sample_segment(it)
+        traj = store.trajectory(expert).double()
+        plan = make_plan(len(images), batch=8, steps=3, group=8, image_size=(8, 8),
+                         dsa=distiller.dsa, seed=cfg.seed, iteration=it)
+        res = match_unrolled(distiller.student, traj[t], traj[t + 1], images, synset.labels, lr,
+                             plan)
+        v_img = 0.5 * v_img + res.grad_images  # torch SGD momentum: v = m v + g; p -= lr v
+        v_lr = 0.5 * v_lr + res.grad_lr
+        images = images - 100.0 * v_img
+        lr = lr - 1e-5 * v_lr
+        distiller.step(it)
+    got = synset.images().detach()
+    assert float((got - images).norm() / images.norm()) < 1e-9
+    assert abs(float(synset.syn_lr.detach()) - float(lr)) < 1e-12
+    assert not torch.equal(got, initial_set(cfg, ds).images().double())
+
+
+def test_resume_is_bitwise(prepared, tmp_path):
+    full = fresh(prepared, tmp_path / "full", distill={"iterations": 6, "checkpoint_every": 2})
+    run_distill(full, progress=False)
+    _, want = load_synset(full.run_dir, "selmatch")
+
+    part = fresh(prepared, tmp_path / "part", distill={"iterations": 6, "checkpoint_every": 2})
+    real_step = Distiller.step
+
+    def crash_at_5(self, iteration):
+        if iteration == 5:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, iteration)
+
+    Distiller.step = crash_at_5
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_distill(part, progress=False)
+    finally:
+        Distiller.step = real_step
+    assert storage.torch_load(f"{part.run_dir}/checkpoints/selmatch.pt")["iteration"] == 4
+    run_distill(part, resume=True, progress=False)
+    _, got = load_synset(part.run_dir, "selmatch")
+    assert torch.equal(got["images"], want["images"])
+    assert got["syn_lr"] == want["syn_lr"]
+    lines = storage.read_text(f"{part.run_dir}/logs/distill_selmatch.jsonl").splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_other_settings_is_refused(prepared, tmp_path):
+    cfg = fresh(prepared, tmp_path, distill={"iterations": 2})
+    run_distill(cfg, progress=False)
+    other = cfg_for(tmp_path, distill={"iterations": 4, "alpha": 0.75})
+    with pytest.raises(ValueError, match="other settings"):
+        run_distill(other, resume=True, progress=False)
+    longer = cfg_for(tmp_path, distill={"iterations": 4})  # more iterations is allowed
+    run_distill(longer, resume=True, progress=False)
+
+
+def test_divergence_stops_with_clear_error_and_keeps_checkpoint(prepared, tmp_path):
+    cfg = fresh(prepared, tmp_path, distill={"iterations": 6, "checkpoint_every": 2})
+    real_step = Distiller.step
+
+    def poison(self, iteration):
+        if iteration == 3:
+            with torch.no_grad():
+                self.synset.distilled[:, 0, 0, 0] = float("nan")
+        return real_step(self, iteration)
+
+    Distiller.step = poison
+    try:
+        with pytest.raises(DivergenceError, match="not finite at iteration 3.*lr_images"):
+            run_distill(cfg, progress=False)
+    finally:
+        Distiller.step = real_step
+    ckpt = storage.torch_load(f"{cfg.run_dir}/checkpoints/selmatch.pt")
+    assert ckpt["iteration"] == 2 and torch.isfinite(ckpt["distilled"]).all()
+    assert not storage.exists(f"{cfg.run_dir}/synset/selmatch.pt")
+
+
+def test_merge_distills_the_easy_part_alone(prepared, tmp_path):
+    cfg = fresh(prepared, tmp_path, distill={"mode": "merge", "batch_syn": 10})
+    run_distill(cfg, progress=False)
+    window, _ = load_synset(cfg.run_dir, "window")
+    _, state = load_synset(cfg.run_dir, "merge")
+    frozen = ~state["is_distilled"]
+    assert torch.equal(state["images"][frozen], window.images()[frozen])
+    assert not torch.equal(state["images"][~frozen], window.images()[~frozen])
+
+
+def test_distill_without_experts_says_what_to_run(tmp_path):
+    cfg = cfg_for(tmp_path, select={"init": "random"})
+    with pytest.raises(FileNotFoundError, match="selmatch experts"):
+        run_distill(cfg, progress=False)
