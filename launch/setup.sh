@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create a virtual environment and install selmatch with every extra (Ray, DeepSpeed, tests).
+#   bash launch/setup.sh [VENV_DIR]        (default .venv)
+# torch is pinned first so pip does not pick a different (multi-GB) build while resolving.
+set -euo pipefail
+venv="${1:-.venv}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
+"$venv/bin/python" -m pip install -q -e "$here[ray,deepspeed,dev]"
+echo "selmatch installed in $venv"
