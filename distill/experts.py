@@ -202,3 +202,26 @@ def forgetting_counts(correct: torch.Tensor) -> torch.Tensor:
     events = (correct[:-1] & ~correct[1:]).sum(0).float()
     never = ~correct.any(0)
     return torch.where(never, torch.full_like(events, float(correct.shape[0])), events)
+
+
+def expert_network(cfg: RunConfig, ds: Dataset, expert: ExpertResult, *, epoch: int = -1,
+                   device: str | torch.device = "cpu", batch_size: int = 1024) -> torch.nn.Module:
+    """The expert's network at ``epoch`` (default: final), in eval mode, ready for inference.
+
+    Trajectories store parameters only; BatchNorm's running statistics are re-estimated with one
+    pass over the (un-augmented) training data in train mode with cumulative averaging.
+    """
+    model = build_network(cfg, ds).to(device)
+    params = expert.layout.unflatten(expert.trajectory[epoch].to(device))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the pass
+        if bns:
+            model.train()
+            for start in range(0, len(ds.x_train), batch_size):
+                model(ds.x_train[start:start + batch_size].to(device))
+    return model.eval()

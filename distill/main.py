@@ -7,7 +7,7 @@
     selmatch distill --config configs/quickstart.yaml [--resume]                  # same
 
 Reads the experts and scores of ``run_dir``, selects the initial set (``select.init``), saves it as
-``synset/<init>.pt``, distills D_distill by trajectory matching, checkpoints every
+``synset/<method>_init.pt``, distills D_distill by trajectory matching, checkpoints every
 ``distill.checkpoint_every`` iterations to ``checkpoints/<method>.pt`` and saves the result as
 ``synset/<method>.pt`` (selmatch, mtt or merge). Metrics go to ``logs/distill_<method>.jsonl``.
 """
@@ -64,9 +64,9 @@ def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None
              len(synset.distilled), rt.describe())
     if rt.is_main:
         save_config(cfg)
-        init_meta = _meta(cfg, cfg.select.init, alpha=None)
-        synset.frozen().save(cfg.run_dir, cfg.select.init, meta=init_meta,
-                             denormalize=ds.denormalize)
+        # the exact starting point (selection, learnable rows marked), kept for comparisons
+        synset.save(cfg.run_dir, f"{method}_init", meta=_meta(cfg, f"{method}_init"),
+                    denormalize=ds.denormalize)
     if len(synset.distilled) == 0 or cfg.distill.iterations == 0:
         log.info("nothing to distill (alpha %.3g, %d iterations): the result is the selection",
                  cfg.distill.alpha, cfg.distill.iterations)

@@ -86,8 +86,9 @@ class SyntheticSet:
     def save(self, run_dir: str, method: str, *, meta: dict | None = None,
              denormalize=None) -> str:
         """Write ``synset/<method>.pt`` and ``synset/<method>.png`` (atomically)."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        if method.removesuffix("_init") not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)} "
+                             f"(or <method>_init for a starting point)")
         url = storage.join(run_dir, "synset", f"{method}.pt")
         storage.torch_save(url, self.state(method, meta))
         png = image_grid(self.images().detach().cpu(), self.labels.cpu(), self.is_distilled.cpu(),

@@ -14,7 +14,8 @@ from distill.data import load_configured
 from distill.distiller import DivergenceError, Distiller
 from distill.main import initial_set, run_distill
 from distill.matching import make_plan, match_unrolled
-from distill.scores import compute_scores, save_scores
+from distill.scores import compute_scores, load_scores, save_scores
+from distill.selection import select_window
 from distill.synset import load_synset
 from distill.trajectories import ExpertStore
 from launch.experts import run_experts
@@ -57,7 +58,7 @@ def fresh(prepared, tmp_path, **sections):
 def test_partial_update_freezes_select_rows(prepared, tmp_path):
     cfg = fresh(prepared, tmp_path)
     final = run_distill(cfg, progress=False)
-    window, _ = load_synset(cfg.run_dir, "window")
+    window, _ = load_synset(cfg.run_dir, "selmatch_init")
     saved, state = load_synset(cfg.run_dir, "selmatch")
     frozen = ~state["is_distilled"]
     assert int(state["is_distilled"].sum()) == 20  # floor(0.5 * 4) = 2 per class x 10
@@ -73,9 +74,14 @@ def test_partial_update_freezes_select_rows(prepared, tmp_path):
 def test_alpha_zero_is_the_window_selection(prepared, tmp_path):
     cfg = fresh(prepared, tmp_path, distill={"alpha": 0.0})
     run_distill(cfg, progress=False)
-    window, _ = load_synset(cfg.run_dir, "window")
+    window, _ = load_synset(cfg.run_dir, "selmatch_init")
     _, state = load_synset(cfg.run_dir, "selmatch")
     assert torch.equal(state["images"], window.images())
+    ds = load_configured(cfg.data)
+    scores = load_scores(cfg.run_dir, "forgetting")
+    sel = select_window(scores, ds.y_train.numpy(), 10, 4, 0.2, 0.0)
+    assert torch.equal(state["source_index"], sel.source_index)
+    assert torch.equal(state["images"], ds.x_train[sel.source_index])
     assert not state["is_distilled"].any()
     assert not storage.exists(f"{cfg.run_dir}/checkpoints/selmatch.pt")
 
@@ -174,7 +180,7 @@ def test_divergence_stops_with_clear_error_and_keeps_checkpoint(prepared, tmp_pa
 def test_merge_distills_the_easy_part_alone(prepared, tmp_path):
     cfg = fresh(prepared, tmp_path, distill={"mode": "merge", "batch_syn": 10})
     run_distill(cfg, progress=False)
-    window, _ = load_synset(cfg.run_dir, "window")
+    window, _ = load_synset(cfg.run_dir, "merge_init")
     _, state = load_synset(cfg.run_dir, "merge")
     frozen = ~state["is_distilled"]
     assert torch.equal(state["images"][frozen], window.images()[frozen])
