@@ -158,6 +158,9 @@ class DistillConfig:
     """Save a resumable checkpoint every K iterations."""
     log_every: int = 10
     """Log one line (loss, syn_lr, images/s, memory) every K iterations."""
+    check_every: int = 50
+    """With several ranks, compare a checksum of the images, syn_lr and optimiser momenta across
+    ranks every K iterations (and at the start and end); a mismatch raises DivergedRanksError."""
 
 
 @dataclass(kw_only=True)
@@ -363,10 +366,10 @@ def load_config(path: str | None = None, overrides: list[str] | dict[str, Any] |
     """Defaults <- YAML file (path or fsspec URL) <- overrides; validated unless ``check=False``."""
     data: dict[str, Any] = {}
     if path is not None:
-        from distill import io
+        from distill import storage
 
         try:
-            text = io.read_text(path)
+            text = storage.read_text(path)
         except FileNotFoundError as err:
             raise ConfigError([f"config file not found: {path}"]) from err
         try:
@@ -386,10 +389,10 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, run_dir: str | None = None) -> str:
     """Write the resolved config as ``<run_dir>/config.yaml`` (atomically); returns the URL."""
-    from distill import io
+    from distill import storage
 
-    url = io.join(run_dir or cfg.run_dir, "config.yaml")
-    io.write_text(url, dump_yaml(cfg))
+    url = storage.join(run_dir or cfg.run_dir, "config.yaml")
+    storage.write_text(url, dump_yaml(cfg))
     return url
 
 
@@ -524,6 +527,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _range(problems, "distill.momentum", d.momentum, 0, 1, hi_open=True)
     _range(problems, "distill.checkpoint_every", d.checkpoint_every, 1)
     _range(problems, "distill.log_every", d.log_every, 1)
+    _range(problems, "distill.check_every", d.check_every, 1)
     _choice(problems, "distill.mode", d.mode, DISTILL_MODES)
     _choice(problems, "distill.augment", d.augment, DISTILL_AUGMENTS)
     if d.max_start_epoch + d.expert_epochs > ex.epochs:

@@ -27,7 +27,7 @@ import sys
 from distill import storage
 from distill.config import ConfigError, RunConfig, load_config, save_config, syn_lr_init
 from distill.data import Dataset, load_configured
-from distill.distiller import Distiller, method_name
+from distill.distiller import Distiller, method_name, resume_hash
 from distill.metrics import JsonlSink, Metrics, read_jsonl
 from distill.runtime import Runtime
 from distill.scores import load_scores
@@ -50,7 +50,8 @@ def initial_set(cfg: RunConfig, ds: Dataset) -> SyntheticSet:
 def _meta(cfg: RunConfig, method: str, **extra) -> dict:
     return {"method": method, "dataset": cfg.data.name, "ipc": cfg.select.ipc,
             "alpha": cfg.distill.alpha, "beta": cfg.select.beta, "init": cfg.select.init,
-            "seed": cfg.seed, **extra}
+            "seed": cfg.seed, "iterations": cfg.distill.iterations, "hash": resume_hash(cfg),
+            **extra}
 
 
 def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None = None,

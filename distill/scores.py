@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill import io
+from distill import storage
 from distill.config import RunConfig
 from distill.data import Dataset, get_info
 from distill.experts import ExpertResult, forgetting_counts
@@ -87,7 +87,7 @@ def import_scores(url: str, kind: str, ds: Dataset, *, key: str = "scores") -> S
     """
     spec = score_kind(kind)
     try:
-        raw = io.read_bytes(url)
+        raw = storage.read_bytes(url)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"scores.file {url} does not exist") from err
     loaded = np.load(_io.BytesIO(raw), allow_pickle=False)
@@ -121,8 +121,8 @@ def import_scores(url: str, kind: str, ds: Dataset, *, key: str = "scores") -> S
 
 
 def _urls(run_dir: str, kind: str) -> tuple[str, str]:
-    base = io.join(run_dir, "scores")
-    return io.join(base, f"{kind}.npy"), io.join(base, f"{kind}.json")
+    base = storage.join(run_dir, "scores")
+    return storage.join(base, f"{kind}.npy"), storage.join(base, f"{kind}.json")
 
 
 def save_scores(run_dir: str, scores: Scores, *, extra: dict | None = None) -> str:
@@ -130,27 +130,27 @@ def save_scores(run_dir: str, scores: Scores, *, extra: dict | None = None) -> s
     npy_url, meta_url = _urls(run_dir, scores.kind)
     buf = _io.BytesIO()
     np.save(buf, scores.values)
-    io.write_bytes(npy_url, buf.getvalue())
+    storage.write_bytes(npy_url, buf.getvalue())
     meta = {"kind": scores.kind, "hard_end": scores.hard_end, "source": scores.source,
             "n": int(len(scores.values)), **(extra or {})}
-    io.write_json(meta_url, meta)
+    storage.write_json(meta_url, meta)
     return npy_url
 
 
 def load_scores(run_dir: str, kind: str) -> Scores:
     npy_url, meta_url = _urls(run_dir, kind)
-    if not io.exists(meta_url):
-        raise FileNotFoundError(f"no {kind} scores in {io.join(run_dir, 'scores')}; create them "
+    if not storage.exists(meta_url):
+        raise FileNotFoundError(f"no {kind} scores in {storage.join(run_dir, 'scores')}; create them "
                                 f"with `selmatch scores --config F`")
-    meta = io.read_json(meta_url)
-    values = np.load(_io.BytesIO(io.read_bytes(npy_url)), allow_pickle=False)
+    meta = storage.read_json(meta_url)
+    values = np.load(_io.BytesIO(storage.read_bytes(npy_url)), allow_pickle=False)
     if len(values) != meta["n"]:
         raise ValueError(f"{npy_url}: {len(values)} values, manifest says {meta['n']}")
     return Scores(kind, values, meta["hard_end"], meta["source"])
 
 
 def scores_exist(run_dir: str, kind: str) -> bool:
-    return io.exists(_urls(run_dir, kind)[1])
+    return storage.exists(_urls(run_dir, kind)[1])
 
 
 def compute_scores(cfg: RunConfig, ds: Dataset, experts: Sequence[ExpertResult] | None = None) -> Scores:

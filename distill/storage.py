@@ -93,6 +93,10 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def sha256(url: str) -> str:
+    return hashlib.sha256(read_bytes(url)).hexdigest()
+
+
 def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from distill import io
+from distill import storage
 from distill.config import RunConfig, config_hash
 from distill.experts import ExpertResult
 
@@ -47,22 +47,22 @@ class ExpertStore:
 
     def __init__(self, cfg: RunConfig, run_dir: str | None = None):
         self.cfg = cfg
-        self.dir = io.join(run_dir or cfg.run_dir, "experts")
+        self.dir = storage.join(run_dir or cfg.run_dir, "experts")
         self.hash = expert_config_hash(cfg)
 
     # -- manifest ----------------------------------------------------------------------------
 
     def _manifest_url(self) -> str:
-        return io.join(self.dir, MANIFEST)
+        return storage.join(self.dir, MANIFEST)
 
     def manifest(self) -> dict:
         """The manifest (an empty one for a new store); a mismatching config is an error."""
         url = self._manifest_url()
-        if not io.exists(url):
+        if not storage.exists(url):
             return {"config_hash": self.hash, "dataset": self.cfg.data.name,
                     "model": dataclasses.asdict(self.cfg.model), "epochs": self.cfg.experts.epochs,
                     "seed": self.cfg.seed, "experts": {}}
-        manifest = io.read_json(url)
+        manifest = storage.read_json(url)
         if manifest.get("config_hash") != self.hash:
             raise ValueError(
                 f"{self.dir} holds experts trained with other settings (config hash "
@@ -75,8 +75,8 @@ class ExpertStore:
         """Experts recorded in the manifest whose file exists with the recorded size."""
         done = []
         for key, entry in self.manifest()["experts"].items():
-            url = io.join(self.dir, entry["file"])
-            if io.exists(url) and io.size(url) == entry["size"]:
+            url = storage.join(self.dir, entry["file"])
+            if storage.exists(url) and storage.size(url) == entry["size"]:
                 done.append(int(key))
         return sorted(done)
 
@@ -94,9 +94,9 @@ class ExpertStore:
     def save(self, result: ExpertResult) -> dict:
         """Write one expert file (atomic); returns the manifest entry for :meth:`record`."""
         name = self.filename(result.expert_id)
-        url = io.join(self.dir, name)
-        sha = io.torch_save(url, result.to_state())
-        return {"id": result.expert_id, "file": name, "size": io.size(url), "sha256": sha,
+        url = storage.join(self.dir, name)
+        sha = storage.torch_save(url, result.to_state())
+        return {"id": result.expert_id, "file": name, "size": storage.size(url), "sha256": sha,
                 "test_acc": [round(a, 6) for a in result.test_acc],
                 "train_loss": [round(v, 6) for v in result.train_loss],
                 "seconds": round(result.seconds, 3)}
@@ -106,12 +106,12 @@ class ExpertStore:
         manifest = self.manifest()
         manifest["experts"][str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
         manifest["code_version"] = code_version()
-        io.write_json(self._manifest_url(), manifest)
+        storage.write_json(self._manifest_url(), manifest)
 
     # -- read --------------------------------------------------------------------------------
 
     def _require(self) -> dict:
-        if not io.exists(self._manifest_url()):
+        if not storage.exists(self._manifest_url()):
             raise FileNotFoundError(
                 f"no experts in {self.dir}; create them with `selmatch experts --config F`")
         return self.manifest()
@@ -123,11 +123,11 @@ class ExpertStore:
             raise FileNotFoundError(
                 f"expert {expert_id} is not in {self._manifest_url()}; run `selmatch experts "
                 f"--config F` to train the missing experts")
-        url = io.join(self.dir, entry["file"])
-        if not io.exists(url):
+        url = storage.join(self.dir, entry["file"])
+        if not storage.exists(url):
             raise FileNotFoundError(f"{url} is recorded in the manifest but missing; re-run "
                                     f"`selmatch experts --config F`")
-        state = io.torch_load(url, expected_size=entry["size"], expected_sha256=entry["sha256"])
+        state = storage.torch_load(url, expected_size=entry["size"], expected_sha256=entry["sha256"])
         return ExpertResult.from_state(state)
 
     def load_all(self) -> list[ExpertResult]:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import yaml
 
-from distill import io
+from distill import storage
 from launch.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,14 +62,14 @@ def test_experts_and_scores_commands_in_process(capsys):
               "--model.width", "8", "--experts.num_experts", "2", "--experts.epochs", "2",
               "--distill.max_start_epoch", "1", "--distill.expert_epochs", "1"]
     assert main(["experts", "--workers", "0", *common]) == 0
-    manifest = io.read_json(f"{run_dir}/experts/manifest.json")
+    manifest = storage.read_json(f"{run_dir}/experts/manifest.json")
     assert sorted(manifest["experts"]) == ["0", "1"]
     assert main(["scores", *common]) == 0
     assert main(["scores", *common, "--scores.kind", "el2n"]) == 0
-    forget = io.read_bytes(f"{run_dir}/scores/forgetting.npy")
+    forget = storage.read_bytes(f"{run_dir}/scores/forgetting.npy")
     assert len(forget) > 200 * 8  # 200 float64 values plus the .npy header
-    assert io.read_json(f"{run_dir}/scores/el2n.json")["hard_end"] == "high"
-    assert yaml.safe_load(io.read_text(f"{run_dir}/config.yaml"))["scores"]["kind"] == "el2n"
+    assert storage.read_json(f"{run_dir}/scores/el2n.json")["hard_end"] == "high"
+    assert yaml.safe_load(storage.read_text(f"{run_dir}/config.yaml"))["scores"]["kind"] == "el2n"
 
 
 def test_scores_before_experts_says_what_to_run(capsys, tmp_path):

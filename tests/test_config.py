@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from distill import io
+from distill import storage
 from distill.config import (
     ConfigError,
     RunConfig,
@@ -140,7 +140,7 @@ def test_resolved_config_roundtrip_through_fsspec():
     assert url == "memory://cfgtest/run/config.yaml"
     again = load_config(url)
     assert again == cfg
-    assert dump_yaml(again) == io.read_text(url)
+    assert dump_yaml(again) == storage.read_text(url)
 
 
 def test_n_distill_floor():

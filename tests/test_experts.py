@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill import io
+from distill import storage
 from distill.config import from_dict
 from distill.data import get_info
 from distill.experts import forgetting_counts
@@ -75,7 +75,7 @@ def test_trajectory_layout_and_learning(tmp_path):
     assert not torch.equal(e.trajectory[0], e.trajectory[-1])
     # 10 classes: well above chance, and better than after the first epoch
     assert e.test_acc[-1] > 0.3 and e.test_acc[-1] > e.test_acc[0]
-    manifest = io.read_json(str(tmp_path / "experts" / "manifest.json"))
+    manifest = storage.read_json(str(tmp_path / "experts" / "manifest.json"))
     assert manifest["dataset"] == "digits" and manifest["epochs"] == 6
     assert len(manifest["experts"]["0"]["test_acc"]) == 6
 
@@ -96,7 +96,7 @@ def test_crash_then_rerun_trains_only_missing(tmp_path, monkeypatch):
         run_experts(cfg, workers=0, progress=False)
     store = ExpertStore(cfg)
     assert store.finished_ids() == [0]
-    first = io.read_bytes(str(tmp_path / "experts" / "expert_0000.pt"))
+    first = storage.read_bytes(str(tmp_path / "experts" / "expert_0000.pt"))
 
     calls.clear()
     monkeypatch.setattr(launch_experts, "train_and_save",
@@ -104,7 +104,7 @@ def test_crash_then_rerun_trains_only_missing(tmp_path, monkeypatch):
     run_experts(cfg, workers=0, progress=False)
     assert calls == [1]
     assert store.finished_ids() == [0, 1]
-    assert io.read_bytes(str(tmp_path / "experts" / "expert_0000.pt")) == first
+    assert storage.read_bytes(str(tmp_path / "experts" / "expert_0000.pt")) == first
     calls.clear()
     run_experts(cfg, workers=0, progress=False)
     assert calls == []
