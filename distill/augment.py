@@ -337,14 +337,21 @@ class DSA:
         return self.apply(x, params), params
 
 
-def simple_augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random crop with zero padding 4 + horizontal flip p = 0.5, batched on x's device.
+def crop_pad(size: int) -> int:
+    """Padding of the random crop: 4 px at 32 px as in the paper's protocol, scaled with the image
+    (3 at 28, 8 at 64, 1 at 8: a 4-px shift would move half of an 8x8 digit out of the frame)."""
+    return max(1, size // 8)
 
-    A pad-4 random crop is a uniform integer translation in [-4, 4] per axis with zero fill, so
+
+def simple_augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random crop with zero padding (:func:`crop_pad`) + horizontal flip p = 0.5, batched.
+
+    A pad-p random crop is a uniform integer translation in [-p, p] per axis with zero fill, so
     it reuses :func:`translate`; the per-sample values come from the CPU generator.
     """
     n = x.shape[0]
-    dy, dx = _randint(-4, 4, n, generator), _randint(-4, 4, n, generator)
+    pad = crop_pad(x.shape[-1])
+    dy, dx = _randint(-pad, pad, n, generator), _randint(-pad, pad, n, generator)
     flip = torch.rand(n, generator=generator, dtype=_PARAM_DTYPE) < 0.5
     return flip_rows(translate(x, dy, dx), flip)
 

@@ -253,3 +253,17 @@ def test_registry():
         build_augment("autoaugment")
     with pytest.raises(ValueError, match="dsa_mask"):
         build_augment("combined")(x, make_generator(1))
+
+
+def test_crop_padding_scales_with_image_size():
+    from distill.augment import crop_pad
+
+    assert [crop_pad(s) for s in (8, 28, 32, 64)] == [1, 3, 4, 8]
+    # on 8x8 images every output is a shift of at most 1 px (or its mirror), never 2
+    x = _images(b=64, c=1, h=8, w=8) + 10.0
+    y = simple_augment(x, make_generator(9))
+    for i in range(64):
+        cands = [translate(x[i:i + 1], torch.tensor([dy]), torch.tensor([dx]))[0]
+                 for dy in range(-1, 2) for dx in range(-1, 2)]
+        cands += [c.flip(-1) for c in cands]
+        assert any(torch.equal(y[i], c) for c in cands)

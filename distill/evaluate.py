@@ -1,0 +1,417 @@
+"""Evaluation: train fresh networks on a (synthetic) image set and test them on the real test set.
+
+The protocol is the paper's (App. B.3, DESIGN.md §2): SGD with momentum 0.9, weight decay 5e-4,
+lr 0.1 with a cosine schedule stepped every iteration, batch 128, and epochs = 25% of a 200-epoch
+full-data budget (:func:`eval_epochs`). Augmentation is batched on the device; the default
+"combined" one applies DSA to distilled rows and crop + flip to selected real rows (crop padding
+4 px at 32 px, scaled with the image size: ``distill.augment.crop_pad``).
+
+Beyond mean ± std over runs, a :class:`Reference` built from a trained expert adds two
+diagnostics: accuracy on the easy and hard halves of the test set (split by the expert's EL2N)
+and coverage, the share of test samples whose feature lies within r of a synthetic sample.
+
+Decisions:
+
+* Every random choice derives from the seed and a position (STYLE.md §8): run k of
+  :func:`evaluate_images` trains with a seed derived from (seed, k); inside
+  :func:`train_network` the initialisation, the shuffle of each epoch and the augmentation of
+  each step draw from separate generators (tags below). Nothing reads the clock. On CPU the same
+  seed gives bitwise identical networks; on CUDA the convolution backward may differ in the last
+  bits between runs.
+* A trailing minibatch of a single sample is merged into the previous one, so BatchNorm in train
+  mode always sees at least two samples (a ResNet on 8×8 digits reaches 1×1 maps, where one
+  sample has no variance and PyTorch raises).
+* Nothing here selects by test accuracy: every run is reported, and the caller passes the final
+  synthetic set.
+* The std over runs is the population std (ddof = 0), so one run gives 0.0.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from distill.augment import AUGMENTS, build_augment, make_generator
+from distill.data import Dataset
+from distill.models import build_model
+
+__all__ = [
+    "EvalResult", "Reference", "coverage", "eval_epochs", "evaluate_config", "evaluate_images",
+    "nn_radius", "train_network",
+]  # fmt: skip
+
+# Stream tags: keep the generators of different purposes apart for the same seed and position.
+_INIT, _SHUFFLE, _AUGMENT, _RUN, _RADIUS = 21, 22, 23, 24, 25
+_RADIUS_SEED = 0  # the radius subset is a property of the dataset, not of the run seed
+_CHUNK = 1024  # rows per cdist block: 1024 × 50k distances are 200 MB in float32
+
+
+# --------------------------------------------------------------------------------------------
+# Epoch rule
+# --------------------------------------------------------------------------------------------
+
+
+def eval_epochs(ratio: float, *, full_epochs: int = 200, budget: float = 0.25) -> int:
+    """Epochs for a synthetic set holding `ratio` of the training images (paper App. B.3).
+
+    A fixed compute budget (25% of a 200-epoch full-data run) spread over fewer images means more
+    epochs: round(budget · full_epochs / ratio), rounded half up, giving 1000 / 500 / 250 / 167
+    for 5 / 10 / 20 / 30%.
+    """
+    problems = []
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        problems.append(f"ratio (synthetic / real training images) must be in (0, 1], "
+                        f"got {ratio!r}")
+    if isinstance(full_epochs, bool) or not isinstance(full_epochs, int) or full_epochs < 1:
+        problems.append(f"full_epochs must be an integer >= 1, got {full_epochs!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        problems.append(f"budget must be > 0, got {budget!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return max(1, math.floor(budget * full_epochs / ratio + 0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# Training one network
+# --------------------------------------------------------------------------------------------
+
+
+def _derived_seed(*position: int) -> int:
+    """An integer seed drawn from the generator of `position` (for torch.manual_seed etc.)."""
+    return int(torch.randint(0, 2**62, (1,), generator=make_generator(*position)))
+
+
+def _check_training_inputs(images: Tensor, labels: Tensor, num_classes: int, epochs: int,
+                           batch_size: int, augment: str, is_distilled: Tensor | None) -> None:
+    """Collect every problem with the inputs of train_network and raise once."""
+    problems = []
+    if images.dim() != 4 or images.shape[0] == 0 or images.shape[2] != images.shape[3]:
+        problems.append(f"images must be a non-empty [N, C, H, H] tensor, got shape "
+                        f"{tuple(images.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        problems.append(f"labels must be [N] with N = {images.shape[0]} (one per image), got "
+                        f"shape {tuple(labels.shape)}")
+    elif labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        problems.append(f"labels must be in 0..{num_classes - 1}, got "
+                        f"{int(labels.min())}..{int(labels.max())}")
+    for key, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{key} must be an integer >= 1, got {value!r}")
+    if augment not in AUGMENTS:
+        problems.append(f"unknown augment {augment!r}; valid: {', '.join(sorted(AUGMENTS))}")
+    if is_distilled is not None and tuple(is_distilled.shape) != (images.shape[0],):
+        problems.append(f"is_distilled must be [N] with N = {images.shape[0]}, got shape "
+                        f"{tuple(is_distilled.shape)}")
+    if problems:
+        raise ValueError("train_network: " + "; ".join(problems))
+
+
+def _batches(order: Tensor, batch_size: int) -> list[Tensor]:
+    """Consecutive minibatches of `order`; a trailing single sample joins the previous batch."""
+    parts = list(order.split(batch_size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
+
+
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    return len(_batches(torch.arange(n), batch_size))
+
+
+def _fresh_network(model: str, images: Tensor, num_classes: int, seed: int) -> nn.Module:
+    """Default-width network, initialised on CPU from a seed-derived value (device independent)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_derived_seed(seed, _INIT))
+        return build_model(model, in_channels=images.shape[1], num_classes=num_classes,
+                           image_size=images.shape[2])
+
+
+def train_network(images: Tensor, labels: Tensor, *, num_classes: int, model: str, epochs: int,
+                  lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+                  batch_size: int = 128, augment: str = "combined",
+                  is_distilled: Tensor | None = None, seed: int = 0,
+                  device: str | torch.device = "cpu", progress: bool = False) -> nn.Module:
+    """Train a fresh `model` on (images, labels) with the evaluation protocol; return it in eval
+    mode. Images are in model input space; `is_distilled` (None = all False) marks the rows that
+    the "combined" augmentation treats with DSA, the other rows get crop + flip."""
+    _check_training_inputs(images, labels, num_classes, epochs, batch_size, augment,
+                           is_distilled)
+    device = torch.device(device)
+    net = _fresh_network(model, images, num_classes, seed).to(device)
+    net.train()
+    x, y = images.detach().to(device), labels.detach().long().to(device)
+    n = x.shape[0]
+    mask = (torch.zeros(n, dtype=torch.bool) if is_distilled is None
+            else is_distilled.detach().bool().cpu())
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, nesterov=False)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=epochs * _steps_per_epoch(n, batch_size))
+    aug = build_augment(augment)
+    bar = tqdm(range(epochs), desc=f"train {model}", disable=not progress, leave=False)
+    for epoch in bar:
+        order = torch.randperm(n, generator=make_generator(seed, _SHUFFLE, epoch))
+        total = 0.0
+        for step, idx in enumerate(_batches(order, batch_size)):
+            gen = make_generator(seed, _AUGMENT, epoch, step)
+            xb = aug(x[idx.to(device)], gen, dsa_mask=mask[idx])
+            loss = F.cross_entropy(net(xb), y[idx.to(device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        bar.set_postfix(loss=f"{total / n:.3f}")
+    return net.eval()
+
+
+@torch.no_grad()
+def _predict(net: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """Predicted labels (CPU, int64) in eval mode, batched."""
+    net.eval()
+    device = next(net.parameters()).device
+    return torch.cat([net(x[i:i + batch_size].to(device)).argmax(1).cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+# --------------------------------------------------------------------------------------------
+# Distances: nearest-neighbour radius and coverage
+# --------------------------------------------------------------------------------------------
+
+
+def _check_features(name: str, f: Tensor, min_rows: int) -> None:
+    if f.dim() != 2 or f.shape[0] < min_rows:
+        raise ValueError(f"{name} must be a [n, d] tensor with n >= {min_rows}, got shape "
+                         f"{tuple(f.shape)}")
+
+
+def _nearest(queries: Tensor, points: Tensor, *, exclude_self: bool = False) -> Tensor:
+    """Distance from each query row to its nearest row of `points`, in blocks of rows.
+
+    With `exclude_self` the queries are `points` itself and each row's own column is skipped
+    (by index, so duplicates of a point still count as neighbours at distance 0).
+    """
+    out = []
+    for start in range(0, len(queries), _CHUNK):
+        d = torch.cdist(queries[start:start + _CHUNK], points)
+        if exclude_self:
+            rows = torch.arange(d.shape[0], device=d.device)
+            d[rows, rows + start] = math.inf
+        out.append(d.min(dim=1).values)
+    return torch.cat(out)
+
+
+def nn_radius(features: Tensor) -> float:
+    """Mean Euclidean distance from each point to its nearest OTHER point (the coverage radius)."""
+    _check_features("features", features, 2)
+    f = features.detach().float()
+    return float(_nearest(f, f, exclude_self=True).mean())
+
+
+def coverage(syn_features: Tensor, test_features: Tensor, radius: float) -> float:
+    """Share of test points whose nearest synthetic point lies within `radius` (inclusive)."""
+    _check_features("syn_features", syn_features, 1)
+    _check_features("test_features", test_features, 1)
+    if syn_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"feature sizes differ: synthetic {syn_features.shape[1]}, "
+                         f"test {test_features.shape[1]}")
+    if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius >= 0):
+        raise ValueError(f"radius must be a finite number >= 0, got {radius!r}")
+    syn = syn_features.detach().float().to(test_features.device)
+    nearest = _nearest(test_features.detach().float(), syn)
+    return float((nearest <= radius).float().mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Reference: easy/hard split and feature space from a trained expert
+# --------------------------------------------------------------------------------------------
+
+
+def _last_linear(net: nn.Module) -> nn.Linear:
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(net).__name__} has no nn.Linear layer to take features from")
+    return linears[-1]
+
+
+@torch.no_grad()
+def _features_and_logits(net: nn.Module, x: Tensor,
+                         batch_size: int) -> tuple[Tensor, Tensor]:
+    """Inputs of the last nn.Linear (penultimate features) and logits, eval mode, on CPU.
+
+    The hook lives only for this call, so the caller's network is left as it was.
+    """
+    captured: list[Tensor] = []
+    hook = _last_linear(net).register_forward_pre_hook(
+        lambda module, args: captured.append(args[0].detach().flatten(1).float().cpu()))
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    try:
+        logits = [net(x[i:i + batch_size].to(device)).float().cpu()
+                  for i in range(0, len(x), batch_size)]
+    finally:
+        hook.remove()
+        net.train(was_training)
+    return torch.cat(captured), torch.cat(logits)
+
+
+@dataclass
+class Reference:
+    """What evaluation needs from a trained expert: easy/hard split of the test set and a feature
+    space. Build it once per dataset and expert; it does not depend on the synthetic set."""
+
+    easy: Tensor  # bool [N_test]: the easier half of the test set
+    feature_fn: Callable[[Tensor], Tensor]  # images -> penultimate features [n, d], CPU float32
+    radius: float  # mean nearest-neighbour distance among real training features
+    test_features: Tensor  # [N_test, d]
+
+    @classmethod
+    def from_expert(cls, expert_model: nn.Module, ds: Dataset, *, max_train: int = 5000,
+                    batch_size: int = 1024) -> Reference:
+        """Split, features and radius from a trained network (BN running stats already set).
+
+        * Difficulty of a test sample = the expert's EL2N ‖softmax − onehot‖₂. easy = the
+          floor(N/2) samples with the lowest EL2N (stable sort: ties go to the lower index);
+          the hard half is the rest, ceil(N/2) samples.
+        * Features = the input of the network's last nn.Linear (ConvNet, ResNet and VGG all end
+          in one), taken with a forward hook.
+        * radius = :func:`nn_radius` of the training features of at most `max_train` samples: all
+          of them when the set is small enough, else a fixed-seed random subset (dataset order
+          may be sorted by class, as for Tiny ImageNet, so "the first k" could miss classes).
+        """
+        if isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 2:
+            raise ValueError(f"max_train must be an integer >= 2, got {max_train!r}")
+        feature_fn = _FeatureFn(expert_model, batch_size)
+        test_features, logits = _features_and_logits(expert_model, ds.x_test, batch_size)
+        onehot = F.one_hot(ds.y_test.long(), logits.shape[1]).float()
+        el2n = (logits.softmax(1) - onehot).norm(dim=1)
+        easy = torch.zeros(len(el2n), dtype=torch.bool)
+        easy[torch.sort(el2n, stable=True).indices[:len(el2n) // 2]] = True
+        n_train = len(ds.y_train)
+        keep = torch.arange(n_train)
+        if n_train > max_train:
+            gen = make_generator(_RADIUS_SEED, _RADIUS)
+            keep = torch.randperm(n_train, generator=gen)[:max_train].sort().values
+        radius = nn_radius(feature_fn(ds.x_train[keep]))
+        return cls(easy=easy, feature_fn=feature_fn, radius=radius, test_features=test_features)
+
+
+class _FeatureFn:
+    """images -> penultimate features of a network; a class so a Reference has a readable repr."""
+
+    def __init__(self, net: nn.Module, batch_size: int) -> None:
+        self.net, self.batch_size = net, batch_size
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return _features_and_logits(self.net, images, self.batch_size)[0]
+
+    def __repr__(self) -> str:
+        return f"_FeatureFn({type(self.net).__name__}, batch_size={self.batch_size})"
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating an image set
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Test accuracy of `runs` networks trained on one image set, plus the Reference metrics."""
+
+    accuracies: list[float]  # one per run, test accuracy in [0, 1]
+    mean: float
+    std: float  # population std over runs (ddof = 0): 0.0 for one run
+    easy_acc: float | None  # mean over runs; None without a Reference
+    hard_acc: float | None
+    coverage: float | None  # None without a Reference; depends on the images only
+    epochs: int
+    runs: int
+    model: str
+    augment: str
+    n_images: int
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict (written to <run_dir>/eval/<method>.json)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalResult:
+        """Inverse of `to_dict` (reports read the saved JSON back)."""
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+
+
+def _split_accuracy(correct: Tensor, reference: Reference | None) -> tuple[float, float] | None:
+    if reference is None:
+        return None
+    easy = reference.easy.bool().cpu()
+    return float(correct[easy].float().mean()), float(correct[~easy].float().mean())
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def evaluate_images(images: Tensor, labels: Tensor, ds: Dataset, *, model: str, epochs: int,
+                    runs: int, augment: str = "combined", is_distilled: Tensor | None = None,
+                    lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+                    batch_size: int = 128, seed: int = 0, device: str | torch.device = "cpu",
+                    reference: Reference | None = None, progress: bool = True) -> EvalResult:
+    """Train `runs` fresh networks on the images (run k seeded from (seed, k)) and test each on
+    ds.x_test / ds.y_test. Every run is reported; none is chosen by its test accuracy."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
+    if reference is not None and tuple(reference.easy.shape) != tuple(ds.y_test.shape):
+        raise ValueError(f"reference.easy has shape {tuple(reference.easy.shape)}, the test set "
+                         f"has {len(ds.y_test)} samples: build the Reference on this dataset")
+    cover = None
+    if reference is not None:
+        cover = coverage(reference.feature_fn(images.detach()), reference.test_features,
+                         reference.radius)
+    accuracies, easy_accs, hard_accs = [], [], []
+    for run in tqdm(range(runs), desc="eval runs", disable=not progress):
+        net = train_network(images, labels, num_classes=ds.num_classes, model=model,
+                            epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                            batch_size=batch_size, augment=augment, is_distilled=is_distilled,
+                            seed=_derived_seed(seed, _RUN, run), device=device,
+                            progress=progress)
+        correct = _predict(net, ds.x_test) == ds.y_test.cpu()
+        accuracies.append(float(correct.float().mean()))
+        split = _split_accuracy(correct, reference)
+        if split is not None:
+            easy_accs.append(split[0])
+            hard_accs.append(split[1])
+    return EvalResult(accuracies=accuracies, mean=statistics.fmean(accuracies),
+                      std=statistics.pstdev(accuracies), easy_acc=_mean_or_none(easy_accs),
+                      hard_acc=_mean_or_none(hard_accs), coverage=cover, epochs=epochs,
+                      runs=runs, model=model, augment=augment, n_images=len(images))
+
+
+def evaluate_config(images: Tensor, labels: Tensor, ds: Dataset, eval_cfg, *,
+                    is_distilled: Tensor | None = None, seed: int = 0,
+                    device: str | torch.device = "cpu", reference: Reference | None = None,
+                    runs: int | None = None, epochs: int | None = None,
+                    progress: bool = True) -> EvalResult:
+    """:func:`evaluate_images` with the settings of an `EvalConfig`.
+
+    epochs: the explicit argument, else `eval_cfg.epochs`, else the paper's rule on
+    ratio = len(images) / len(ds.y_train) (the training set as loaded, subset included).
+    runs: the explicit argument, else `eval_cfg.runs`.
+    """
+    if epochs is None:
+        epochs = eval_cfg.epochs
+    if epochs is None:
+        epochs = eval_epochs(len(images) / max(1, len(ds.y_train)))
+    return evaluate_images(
+        images, labels, ds, model=eval_cfg.model, epochs=epochs,
+        runs=eval_cfg.runs if runs is None else runs, augment=eval_cfg.augment,
+        is_distilled=is_distilled, lr=eval_cfg.lr, momentum=eval_cfg.momentum,
+        weight_decay=eval_cfg.weight_decay, batch_size=eval_cfg.batch_size, seed=seed,
+        device=device, reference=reference, progress=progress)
