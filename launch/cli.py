@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scores": ("compute or import difficulty scores (scores/<kind>.npy)", "launch.scores:cmd_scores"),
     "distill": ("select and distill the synthetic set (same as distill/main.py; --resume)",
                 "distill.main:cmd_distill"),
+    "run": ("the whole pipeline up to the report, skipping finished stages",
+            "launch.pipeline:cmd_run"),
+    "tune": ("App. E search: beta, then alpha at the best beta, on Ray Tune (tune/selected.yaml)",
+             "tune.main:cmd_tune"),
 }
 
 
@@ -55,11 +59,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
-    if name == "experts":
+    if name in ("experts", "run"):
         p.add_argument("--workers", type=int, default=None,
                        help="parallel Ray workers (0 = train in-process without Ray; default: Ray decides)")
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
-    if name in ("distill", "run"):
+    if name == "distill":
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     if name == "tune":
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
