@@ -193,6 +193,21 @@ class TuneConfig:
     """Fraction of the evaluation epochs per beta trial; None = 0.2 for CIFAR-10, else 0.1."""
     alpha_iterations: int = 200
     """Distillation iterations per alpha trial."""
+    alpha_epoch_fraction: float | None = None
+    """Fraction of the evaluation epochs per alpha trial; None = the beta trials' fraction."""
+    val_fraction: float = 0.1
+    """Share of each class's training samples held out (at random from the seed) to score trials;
+    trials train on the rest and are never scored on the test set."""
+    eval_runs: int = 1
+    """Evaluation runs per trial (their mean is the trial's metric)."""
+    beta_bound: float | None = None
+    """Largest beta to try, e.g. the optimum at a smaller IPC (optima only decrease as IPC grows)."""
+    alpha_bound: float | None = None
+    """Largest alpha to try, e.g. the optimum at a smaller IPC; None = up to 1."""
+    beta_start: float | None = None
+    """First beta to try (nearest grid value); None = the middle of the grid."""
+    alpha_start: float | None = None
+    """First alpha to try (nearest grid value); None = the middle of the grid."""
     max_concurrent: int = 2
     """Trials running at once."""
     num_cpus: float = 1.0
@@ -559,6 +574,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _range(problems, "tune.alpha_step", t.alpha_step, 0, 1, lo_open=True)
     _range(problems, "tune.beta_epoch_fraction", t.beta_epoch_fraction, 0, 1, lo_open=True)
     _range(problems, "tune.alpha_iterations", t.alpha_iterations, 1)
+    _range(problems, "tune.alpha_epoch_fraction", t.alpha_epoch_fraction, 0, 1, lo_open=True)
+    _range(problems, "tune.val_fraction", t.val_fraction, 0, 0.5, lo_open=True)
+    _range(problems, "tune.eval_runs", t.eval_runs, 1)
+    for name in ("beta_bound", "alpha_bound", "beta_start", "alpha_start"):
+        _range(problems, f"tune.{name}", getattr(t, name), 0, 1)
     _range(problems, "tune.max_concurrent", t.max_concurrent, 1)
     _range(problems, "tune.num_cpus", t.num_cpus, 0)
     _range(problems, "tune.num_gpus", t.num_gpus, 0)

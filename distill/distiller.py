@@ -30,7 +30,7 @@ from distill.trajectories import ExpertStore
 log = logging.getLogger(__name__)
 
 _SAMPLE = 41  # generator stream tag for (expert, start epoch)
-_NOT_HASHED = ("iterations", "checkpoint_every", "log_every")  # may change on --resume
+_NOT_HASHED = ("iterations", "checkpoint_every", "log_every", "check_every")  # may change on --resume
 
 
 class DivergenceError(FloatingPointError):
@@ -97,6 +97,12 @@ class Distiller:
         if self.batch % self.group:
             raise ValueError(f"distill.bn_group {self.group} must divide the batch {self.batch} "
                              f"(distill.batch_syn, capped at the {n_match} images matched)")
+        groups = self.batch // self.group
+        if comm.world_size > groups and is_main:
+            log.warning("%d ranks share %d BN group(s) per step: %d rank(s) idle. Set "
+                        "distill.bn_group <= %d to use them all (g is part of the math: "
+                        "changing it changes the result; R never does)", comm.world_size, groups,
+                        comm.world_size - groups, self.batch // comm.world_size)
         momentum = cfg.distill.momentum
         self.opt_images = torch.optim.SGD([synset.distilled], lr=cfg.distill.lr_images,
                                           momentum=momentum)
@@ -158,9 +164,15 @@ class Distiller:
         d = self.cfg.distill
         bar = tqdm(range(self.iteration, d.iterations), initial=self.iteration, total=d.iterations,
                    desc=f"distill {self.method}", disable=not (progress and self.is_main))
+        self.check_ranks()
         for it in bar:
             record = self.step(it)
             self.iteration = it + 1
+            due_checkpoint = bool(checkpoint_url) and (self.iteration % d.checkpoint_every == 0
+                                                       or self.iteration == d.iterations)
+            if (self.iteration % d.check_every == 0 or due_checkpoint
+                    or self.iteration == d.iterations):
+                self.check_ranks()  # before a checkpoint: never save one rank's drifted state
             self.history.append({k: record[k] for k in ("iteration", "loss", "syn_lr")})
             bar.set_postfix(loss=f"{record['loss']:.4f}", syn_lr=f"{record['syn_lr']:.4g}")
             if self.iteration % d.log_every == 0 or self.iteration == d.iterations:
@@ -170,10 +182,27 @@ class Distiller:
                     log.info("it %d/%d loss %.4f syn_lr %.5g %.0f img-steps/s mem %.0f MiB",
                              self.iteration, d.iterations, record["loss"], record["syn_lr"],
                              record["image_steps_per_s"], record["peak_mem_mib"])
-            if checkpoint_url and (self.iteration % d.checkpoint_every == 0
-                                   or self.iteration == d.iterations):
+            if due_checkpoint:
                 self.save_checkpoint(checkpoint_url)
         return self.history
+
+    def check_ranks(self) -> None:
+        """Every rank must hold bit-identical state (images, syn_lr, momenta); raises
+        ``DivergedRanksError`` on every rank otherwise. A no-op with one process.
+
+        Ranks apply the same all-reduced gradients to the same state, so any difference means a
+        bug, a non-deterministic kernel or different inputs on different nodes; caught here, it
+        cannot silently end up in a checkpoint written by rank 0 alone.
+        """
+        check = getattr(self.comm, "check_identical", None)  # LocalCollectives has none
+        if check is None or self.comm.world_size == 1:
+            return
+        tensors = [self.synset.distilled, self.synset.syn_lr]
+        for opt in (self.opt_images, self.opt_lr):
+            for state in opt.state.values():
+                if state.get("momentum_buffer") is not None:
+                    tensors.append(state["momentum_buffer"])
+        check(*tensors, what=f"distilled images, syn_lr or momenta at iteration {self.iteration}")
 
     # -- checkpoints -------------------------------------------------------------------------
 

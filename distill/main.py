@@ -10,6 +10,11 @@ Reads the experts and scores of ``run_dir``, selects the initial set (``select.i
 ``synset/<method>_init.pt``, distills D_distill by trajectory matching, checkpoints every
 ``distill.checkpoint_every`` iterations to ``checkpoints/<method>.pt`` and saves the result as
 ``synset/<method>.pt`` (selmatch, mtt or merge). Metrics go to ``logs/distill_<method>.jsonl``.
+
+With R ranks, each rank computes a contiguous block of every student step's |b|/g batch-norm
+groups (``distill.bn_group``); the result is the same for any R, so use g <= |b|/R or some ranks
+idle. Ranks' states are compared every ``distill.check_every`` iterations. docs/distributed.md
+has the collectives, the memory/time scaling and every launch recipe.
 """
 
 from __future__ import annotations

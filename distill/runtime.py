@@ -2,8 +2,14 @@
 
 Algorithm code receives a :class:`Runtime` and calls ``all_reduce_sum``; it never imports
 ``torch.distributed`` or reads launcher environment variables. Under ``accelerate launch`` (or
-``torchrun``) the Accelerator sets up the process group; in a plain ``python`` process the runtime
-is a single rank and every collective is the identity.
+``torchrun``, or ``mpirun``) the Accelerator sets up the process group; in a plain ``python``
+process the runtime is a single rank and every collective is the identity.
+
+On CPU the process group uses gloo. Note that ``accelerate launch --cpu --num_processes 2`` starts
+ONE process (Accelerate's simple launcher); two CPU ranks come from
+``launch/accelerate/cpu_2proc.yaml`` (``distributed_type: MULTI_GPU`` + ``use_cpu: true``), from
+``--multi_gpu --num_processes 2`` with ``ACCELERATE_USE_CPU=true``, or from
+``torchrun --standalone --nproc_per_node 2``. See docs/distributed.md.
 
     rt = Runtime.create(cpu=False)   # picks CUDA when present, one process per GPU
     rt.all_reduce_sum(t)             # sum across ranks (in place when distributed; returns t)
@@ -19,6 +25,23 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# launchers' world-size variables: torchrun/accelerate, then MPI flavours (Accelerate's MULTI_CPU)
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _env_flag(name: str) -> bool:
+    """Accelerate writes ``str(bool)`` ("True"), users write "true", "1" or "yes"."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "y", "on")
+
+
+def launched_world_size() -> int:
+    """Number of processes the launcher started (1 when run as plain ``python``)."""
+    for name in _WORLD_SIZE_VARS:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 1:
+            return int(value)
+    return 1
 
 
 class DivergedRanksError(RuntimeError):
@@ -37,14 +60,16 @@ class Runtime:
     def create(cls, *, cpu: bool | None = None) -> Runtime:
         """One rank per process; uses Accelerate when launched by ``accelerate launch``/torchrun."""
         if cpu is None:
-            cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "true"
-        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if not launched:
+            cpu = not torch.cuda.is_available() or _env_flag("ACCELERATE_USE_CPU")
+        if launched_world_size() == 1:
             device = torch.device("cpu" if cpu else "cuda")
             return cls(device=device)
         from accelerate import Accelerator
 
         acc = Accelerator(cpu=cpu)
+        if acc.num_processes != launched_world_size():
+            raise RuntimeError(f"the launcher started {launched_world_size()} processes but "
+                               f"Accelerate set up {acc.num_processes} ({acc.distributed_type})")
         return cls(rank=acc.process_index, world_size=acc.num_processes, device=acc.device,
                    accelerator=acc)
 
