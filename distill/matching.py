@@ -149,9 +149,11 @@ class Student:
         return F.cross_entropy(out, y, reduction="sum") / batch
 
 
-def _group_rows(step: StepPlan, gid: int, g: int) -> tuple[torch.Tensor, DSAParams | None]:
+def _group_rows(step: StepPlan, gid: int, g: int,
+                device: torch.device) -> tuple[torch.Tensor, DSAParams | None]:
+    """Rows (on the images' device: plans are drawn on the CPU) and augmentation of one group."""
     lo, hi = gid * g, (gid + 1) * g
-    return step.index[lo:hi], (step.aug.slice(lo, hi) if step.aug is not None else None)
+    return step.index[lo:hi].to(device), (step.aug.slice(lo, hi) if step.aug is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def _step_gradient(student: Student, theta: torch.Tensor, images: torch.Tensor,
     """g_k summed over this rank's groups, then over ranks (no graph kept)."""
     grad = torch.zeros_like(theta)
     for gid in groups:
-        rows, aug = _group_rows(step, gid, plan.group)
+        rows, aug = _group_rows(step, gid, plan.group, images.device)
         th = theta.detach().requires_grad_(True)
         loss = student.group_loss(th, images[rows], labels[rows], aug, plan.batch)
         grad += torch.autograd.grad(loss, th)[0]
@@ -205,7 +207,7 @@ def match_replay(student: Student, start: torch.Tensor, target: torch.Tensor,
         th = thetas[k].detach().requires_grad_(True)
         h_lam = torch.zeros_like(th)
         for gid in groups:
-            rows, aug = _group_rows(step, gid, plan.group)
+            rows, aug = _group_rows(step, gid, plan.group, images.device)
             xb = images[rows].requires_grad_(images_grad)
             loss_g = student.group_loss(th, xb, labels[rows], aug, plan.batch)
             g = torch.autograd.grad(loss_g, th, create_graph=True)[0]
@@ -236,7 +238,7 @@ def match_unrolled(student: Student, start: torch.Tensor, target: torch.Tensor,
     for step in plan.steps:
         th = theta if theta.requires_grad else theta.requires_grad_(True)
         loss = sum(student.group_loss(th, x[rows], labels[rows], aug, plan.batch)
-                   for rows, aug in (_group_rows(step, gid, plan.group)
+                   for rows, aug in (_group_rows(step, gid, plan.group, x.device)
                                      for gid in range(plan.num_groups)))
         g = torch.autograd.grad(loss, th, create_graph=True)[0]
         theta = th - lr_leaf * g
