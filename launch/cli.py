@@ -67,6 +67,8 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     if name == "tune":
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
+        p.add_argument("--no-ray", action="store_true",
+                       help="run the trials one after another in this process (hosts without Ray)")
 
 
 def _load(target: str) -> Callable[..., int | None]:

@@ -1,0 +1,352 @@
+"""``selmatch tune``: the paper's App. E search for β, then α with β fixed, on Ray Tune.
+
+    selmatch tune --config configs/quickstart.yaml                     # local Ray, all cores
+    selmatch tune --config configs/cifar10_ipc500.yaml --ray-address auto \\
+        --tune.beta_bound 0.5 --tune.alpha_bound 0.6   # optima at IPC 250 bound those at 500
+    python -m tune --config configs/quickstart.yaml --no-ray           # in-process, no Ray
+    python -m tune --config configs/quickstart.yaml --tune.alpha_iterations 20   # CPU smoke run
+
+Needs the run's experts and scores (``selmatch experts``, ``selmatch scores``). Writes, under
+``<run_dir>/tune/``:
+
+    beta/trials.jsonl, alpha/trials.jsonl   one line per finished trial (value, val_acc, status,
+                                            epochs, seconds, error), rewritten atomically
+    alpha/trials/alpha_<a>/                 each α trial's distillation (checkpoint, log)
+    selected.yaml                           the choice as a config overlay (select.beta,
+                                            distill.alpha)
+    beta.png, alpha.png                     metric vs value, failed trials marked
+    summary.json                            trials run vs grid size, best values, seconds
+
+Trials are scored on a validation split of the training set, never on the test set (see
+tune/trials.py). Running the same command again reuses the finished trials of ``trials.jsonl``
+(the failed ones are retried) when the settings that change a trial's metric are unchanged.
+Apply the choice with ``selmatch distill --config F --select.beta B --distill.alpha A``
+(:func:`selected_overrides` returns those overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import yaml
+
+from distill import storage
+from distill.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from distill.data import load_configured
+from distill.metrics import JsonlSink, read_jsonl
+from distill.scores import load_scores
+from tune.search import HillClimb, make_grid
+from tune.trials import METRIC, TrialContext, alpha_trial, beta_trial
+
+log = logging.getLogger(__name__)
+
+# what a trial's metric depends on, beyond data, experts, scores, evaluation and seed
+_TUNE_FIELDS = {"beta": ("val_fraction", "eval_runs", "beta_epoch_fraction"),
+                "alpha": ("val_fraction", "eval_runs", "beta_epoch_fraction",
+                          "alpha_epoch_fraction", "alpha_iterations")}
+_DISTILL_NOT_HASHED = ("alpha", "iterations", "checkpoint_every", "log_every", "check_every")
+
+
+def tune_dir(cfg: RunConfig) -> str:
+    return storage.join(cfg.run_dir, "tune")
+
+
+def settings_hash(cfg: RunConfig, kind: str, beta: float | None = None) -> str:
+    """Hash of what a trial's metric depends on; trials recorded under another hash are redone.
+    Grid steps, bounds, starts and resources only decide which values run where: left out, so
+    a finer grid reuses the trials that lie on it."""
+    full = to_dict(cfg)
+    chosen = {s: full[s] for s in ("data", "model", "experts", "scores", "eval", "seed")}
+    chosen["select.ipc"] = cfg.select.ipc
+    chosen["split"] = "baselines.validation_index, pool = the rest"  # bump if the split changes
+    chosen["tune"] = {k: full["tune"][k] for k in _TUNE_FIELDS[kind]}
+    if kind == "alpha":
+        chosen["distill"] = {k: v for k, v in full["distill"].items()
+                             if k not in _DISTILL_NOT_HASHED}
+        chosen["select.beta"] = beta
+    blob = json.dumps(chosen, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# One search: replay what is recorded, run the rest (on Ray or in-process), record each trial
+# --------------------------------------------------------------------------------------------
+
+
+class TrialLog:
+    """``<run_dir>/tune/<kind>/trials.jsonl``: read at the start, rewritten after every trial."""
+
+    def __init__(self, url: str, settings: str):
+        self.url, self.settings = url, settings
+        self.sink = JsonlSink(url)
+
+    def replay(self, climb: HillClimb, *, retry_failed: bool = True) -> int:
+        """Feed the recorded trials of these settings to ``climb``; returns how many."""
+        if not storage.exists(self.url):
+            return 0
+        recorded = read_jsonl(self.url)
+        reused = []
+        for rec in recorded:
+            if rec.get("settings") != self.settings:
+                continue
+            if retry_failed and rec.get("status") != "ok":
+                continue
+            try:
+                climb.observe(rec["value"], rec.get("metric"))
+            except ValueError as err:  # off this grid, or recorded twice
+                log.info("not reusing %s: %s", rec.get("value"), err)
+                continue
+            reused.append({**rec, "reused": True})
+        skipped = len(recorded) - len(reused)
+        if skipped:  # keep them readable: the file itself now describes this search only
+            previous = self.url.removesuffix(".jsonl") + ".previous.jsonl"
+            storage.write_text(previous, storage.read_text(self.url))
+            log.info("%s: %d recorded trial(s) not reused (other settings, failed or off-grid); "
+                     "the old file is kept as %s", self.url, skipped, previous)
+        self.sink.records = reused  # the file describes this search from now on
+        if reused:
+            self.sink.flush()
+        return len(reused)
+
+    def record(self, rec: dict) -> None:
+        self.sink.write({**rec, "settings": self.settings, "reused": False})
+        self.sink.flush()
+
+
+def _run_local(climb: HillClimb, fn: Callable[[float], dict], on_complete) -> None:
+    """The same search without Ray, one trial at a time (for hosts without Ray's wheel)."""
+    while (value := climb.suggest()) is not None:
+        try:
+            out = fn(value)
+        except Exception as err:  # a failed trial, never a success; the walk goes on
+            log.warning("trial %g failed: %s: %s", value, type(err).__name__, err)
+            out = {METRIC: math.nan, "error": f"{type(err).__name__}: {err}"}
+        obs = climb.observe(value, out.get(METRIC))
+        rec = {**obs.to_dict(), **{k: v for k, v in out.items() if k != METRIC}}
+        if obs.status == "failed" and "error" not in rec:
+            rec["error"] = f"{METRIC} missing or not finite: {out.get(METRIC)!r}"
+        on_complete(rec)
+
+
+def run_search(cfg: RunConfig, kind: str, climb: HillClimb, fn: Callable[[float], dict], *,
+               settings: str, use_ray: bool, constants: dict | None = None) -> dict:
+    """Replay, run the rest of ``climb``, and return its summary (with reused/new counts)."""
+    trials = TrialLog(storage.join(tune_dir(cfg), kind, "trials.jsonl"), settings)
+    reused = trials.replay(climb)
+    log.info("%s search: grid %s, start %g, %d trial(s) reused", kind, climb.grid,
+             climb.grid[climb.start], reused)
+    t0 = time.perf_counter()
+    if use_ray:
+        from tune.searcher import run_on_ray
+
+        run_on_ray(climb, kind, fn, metric=METRIC, constants=constants,
+                   on_complete=trials.record, num_cpus=cfg.tune.num_cpus,
+                   num_gpus=cfg.tune.num_gpus, max_concurrent=cfg.tune.max_concurrent,
+                   storage_path=_ray_storage(cfg),
+                   name=f"{kind}_{time.strftime('%Y%m%d-%H%M%S')}")
+    else:
+        _run_local(climb, fn, trials.record)
+    summary = {**climb.summary(), "reused": reused, "new_trials": len(climb.history) - reused,
+               "seconds": round(time.perf_counter() - t0, 1)}
+    if not summary["finished"]:
+        raise RuntimeError(f"the {kind} search stopped before the climb finished (Ray ended "
+                           f"with trials outstanding); run the command again to continue")
+    if summary["best_value"] is None:
+        raise RuntimeError(f"every {kind} trial failed; the errors are in "
+                           f"{storage.join(tune_dir(cfg), kind, 'trials.jsonl')}")
+    return summary
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if "://" in url else url
+
+
+def _ray_storage(cfg: RunConfig) -> str | None:
+    """Ray's own experiment files beside ours for a local run_dir; Ray's default otherwise."""
+    path = _local_path(cfg.run_dir)
+    return os.path.abspath(os.path.join(path, "tune", "ray")) if path is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# Trial functions as picklable callables (they travel to Ray workers)
+# --------------------------------------------------------------------------------------------
+
+
+def alpha_trial_dir(cfg: RunConfig, alpha: float) -> str:
+    return storage.join(tune_dir(cfg), "alpha", "trials", f"alpha_{alpha:.4f}")
+
+
+def _alpha_fn(alpha: float, *, ctx: TrialContext, beta: float) -> dict:
+    return alpha_trial(ctx, alpha, beta=beta, trial_dir=alpha_trial_dir(ctx.cfg, alpha))
+
+
+# --------------------------------------------------------------------------------------------
+# The two searches and their outputs
+# --------------------------------------------------------------------------------------------
+
+
+def beta_climb(cfg: RunConfig, ctx: TrialContext) -> HillClimb:
+    values = ctx.beta_values()
+    if not values:
+        raise ConfigError([f"no beta in steps of tune.beta_step {cfg.tune.beta_step:g} fits "
+                           f"select.ipc {cfg.select.ipc} in the class pools {ctx.pool_sizes}"])
+    grid = make_grid(values[0], values[-1], cfg.tune.beta_step, bound=cfg.tune.beta_bound)
+    return HillClimb(grid, start=cfg.tune.beta_start, max_in_flight=cfg.tune.max_concurrent)
+
+
+def alpha_climb(cfg: RunConfig) -> HillClimb:
+    grid = make_grid(0.0, 1.0, cfg.tune.alpha_step, bound=cfg.tune.alpha_bound)
+    return HillClimb(grid, start=cfg.tune.alpha_start, max_in_flight=cfg.tune.max_concurrent)
+
+
+def plot_search(kind: str, history: list[dict], grid: list[float], best: float, url: str) -> None:
+    """Metric vs value: successful trials joined in value order, failed ones as red crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = sorted((r["value"], r["metric"]) for r in history if r["status"] == "ok")
+    failed = [r["value"] for r in history if r["status"] != "ok"]
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+    if ok:
+        ax.plot(*zip(*ok), "o-", color="tab:blue", label="trial")
+        ax.plot([best], [dict(ok)[best]], "*", color="tab:orange", markersize=14, label="chosen")
+    if failed:
+        low = min((m for _, m in ok), default=0.0)
+        ax.plot(failed, [low] * len(failed), "x", color="tab:red", markersize=9, label="failed")
+    ax.set_xticks(grid)
+    ax.tick_params(axis="x", labelrotation=90 if len(grid) > 12 else 0)
+    ax.set_xlabel(kind)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"{kind}: {len(history)} of {len(grid)} grid values tried")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    storage.write_bytes(url, buf.getvalue())
+
+
+def write_selected(cfg: RunConfig, beta: float, alpha: float) -> str:
+    """``selected.yaml``: the two chosen values as a config overlay."""
+    url = storage.join(tune_dir(cfg), "selected.yaml")
+    header = (f"# selmatch tune: chosen on validation accuracy ({cfg.tune.val_fraction:g} of each "
+              f"class held out of training),\n# never on the test set. Apply with --select.beta "
+              f"{beta:g} --distill.alpha {alpha:g}\n")
+    body = yaml.safe_dump({"select": {"beta": beta}, "distill": {"alpha": alpha}},
+                          sort_keys=False)
+    storage.write_text(url, header + body)
+    return url
+
+
+def selected_overrides(run_dir: str) -> dict[str, float]:
+    """``{"select.beta": b, "distill.alpha": a}`` from ``<run_dir>/tune/selected.yaml``, for
+    ``load_config(F, overrides)``."""
+    data = yaml.safe_load(storage.read_text(storage.join(run_dir, "tune", "selected.yaml")))
+    return {"select.beta": data["select"]["beta"], "distill.alpha": data["distill"]["alpha"]}
+
+
+def _records(cfg: RunConfig, kind: str) -> list[dict]:
+    return read_jsonl(storage.join(tune_dir(cfg), kind, "trials.jsonl"))
+
+
+def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = True) -> dict:
+    """β search, then α search at the best β; writes selected.yaml, plots, summary.json."""
+    local = _local_path(cfg.run_dir)
+    if local is not None:  # Ray runs trials in their own working directory
+        cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(local))
+    ds = load_configured(cfg.data)
+    scores = load_scores(cfg.run_dir, cfg.scores.kind)
+    ctx = TrialContext(cfg, ds, scores)
+    save_config(cfg)
+    started = False
+    if use_ray:
+        from launch.ray_utils import init_ray
+
+        started = init_ray(ray_address)
+    t0 = time.perf_counter()
+    try:
+        climb = beta_climb(cfg, ctx)
+        beta_sum = run_search(cfg, "beta", climb, functools.partial(beta_trial, ctx),
+                              settings=settings_hash(cfg, "beta"), use_ray=use_ray)
+        beta = beta_sum["best_value"]
+        climb = alpha_climb(cfg)
+        alpha_sum = run_search(cfg, "alpha", climb,
+                               functools.partial(_alpha_fn, ctx=ctx, beta=beta),
+                               settings=settings_hash(cfg, "alpha", beta), use_ray=use_ray,
+                               constants={"beta": beta})
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    alpha = alpha_sum["best_value"]
+    out = tune_dir(cfg)
+    for kind, summ in (("beta", beta_sum), ("alpha", alpha_sum)):
+        plot_search(kind, _records(cfg, kind), summ["grid"], summ["best_value"],
+                    storage.join(out, f"{kind}.png"))
+    summary = {"beta": beta_sum, "alpha": alpha_sum,
+               "selected": {"select.beta": beta, "distill.alpha": alpha},
+               "metric": f"{METRIC} on the validation split (tune.val_fraction "
+                         f"{cfg.tune.val_fraction:g})",
+               "n_val": len(ctx.val), "ray": use_ray, "seconds": round(time.perf_counter() - t0, 1),
+               "selected_yaml": write_selected(cfg, beta, alpha)}
+    storage.write_json(storage.join(out, "summary.json"), summary)
+    for kind in ("beta", "alpha"):
+        s = summary[kind]
+        log.info("%s: %d of %d grid values tried (%d reused, %d failed), best %g (%s %.4f)",
+                 kind, s["trials"], s["grid_size"], s["reused"], s["failed"], s["best_value"],
+                 METRIC, s["best_metric"])
+    log.info("selected select.beta %g, distill.alpha %g -> %s", beta, alpha,
+             summary["selected_yaml"])
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_tune(args, overrides: list[str]) -> int:
+    """``selmatch tune --config F [--ray-address A]``."""
+    from launch.cli import resolve_config
+
+    run_tune(resolve_config(args, overrides), ray_address=getattr(args, "ray_address", None),
+             use_ray=not getattr(args, "no_ray", False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (path or fsspec URL)")
+    parser.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="run the trials one after another in this process, without Ray")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", datefmt="%H:%M:%S")
+    try:
+        run_tune(load_config(args.config, overrides), ray_address=args.ray_address,
+                 use_ray=not args.no_ray)
+    except ConfigError as err:
+        print(f"tune: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"tune: error: {err}", file=sys.stderr)
+        return 2 if not isinstance(err, RuntimeError) else 1
+    return 0
