@@ -71,7 +71,7 @@ def write_report(run_dir: str, *, title: str, config_text: str, notes: list[str]
     if notes:
         lines.append("")
     lines += ["## Results", "",
-              "| method | images | distilled | test acc (%) | easy half | hard half | coverage | runs × epochs |",
+              "| method | images | distilled | test acc (%) | easy half (%) | hard half (%) | coverage (%) | runs × epochs |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method, r in data["methods"].items():
         acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
