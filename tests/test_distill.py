@@ -9,43 +9,27 @@ import pytest
 import torch
 
 from distill import storage
-from distill.config import from_dict, syn_lr_init
+from distill.config import syn_lr_init
 from distill.data import load_configured
 from distill.distiller import DivergenceError, Distiller
 from distill.main import initial_set, run_distill
 from distill.matching import make_plan, match_unrolled
-from distill.scores import compute_scores, load_scores, save_scores
+from distill.scores import load_scores
 from distill.selection import select_window
 from distill.synset import load_synset
 from distill.trajectories import ExpertStore
-from launch.experts import run_experts
+from tiny import prepare, tiny_config
 
 
 def cfg_for(run_dir, **sections):
-    base = {
-        "run_dir": str(run_dir), "seed": 5,
-        "data": {"name": "digits", "train_per_class": 30},
-        "model": {"name": "convnet", "width": 8, "depth": 1},
-        "experts": {"num_experts": 2, "epochs": 3, "batch_size": 32, "lr": 0.05,
-                    "el2n_epoch": 1},
-        "select": {"ipc": 4, "beta": 0.2, "init": "window"},
-        "distill": {"alpha": 0.5, "iterations": 4, "syn_steps": 3, "expert_epochs": 1,
-                    "max_start_epoch": 2, "batch_syn": 8, "lr_images": 100.0,
-                    "checkpoint_every": 2, "log_every": 1},
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return from_dict(base)
+    return tiny_config(run_dir, **sections)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Experts and forgetting scores once; each test copies them into its own run_dir."""
     root = tmp_path_factory.mktemp("prepared")
-    cfg = cfg_for(root)
-    run_experts(cfg, workers=0, progress=False)
-    ds = load_configured(cfg.data)
-    save_scores(cfg.run_dir, compute_scores(cfg, ds))
+    prepare(cfg_for(root))
     return root
 
 

@@ -27,15 +27,14 @@ import torch
 import torch.multiprocessing as mp
 
 from distill.augment import DSA
-from distill.config import from_dict, load_config
+from distill.config import load_config
 from distill.data import load_configured
 from distill.distiller import Distiller
 from distill.main import initial_set
 from distill.matching import LOCAL, Student, make_plan, match_replay
 from distill.models import ParamLayout, build_model
-from distill.scores import compute_scores, save_scores
 from distill.trajectories import ExpertStore
-from launch.experts import run_experts
+from tiny import prepare, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -65,18 +64,9 @@ def match_problem(groups: int, dtype=torch.float64):
 
 
 def cfg_for(run_dir, **distill):
-    """tests/test_distill.py's tiny digits problem with 4 BN groups per step (2 per rank)."""
-    return from_dict({
-        "run_dir": str(run_dir), "seed": 5,
-        "data": {"name": "digits", "train_per_class": 30},
-        "model": {"name": "convnet", "width": 8, "depth": 1},
-        "experts": {"num_experts": 2, "epochs": 3, "batch_size": 32, "lr": 0.05,
-                    "el2n_epoch": 1},
-        "select": {"ipc": 4, "beta": 0.2, "init": "window"},
-        "distill": {"alpha": 0.5, "iterations": 5, "syn_steps": 3, "expert_epochs": 1,
-                    "max_start_epoch": 2, "batch_syn": 16, "bn_group": 4, "lr_images": 100.0,
-                    "log_every": 100, **distill},
-    })
+    """tests/tiny.py's problem with 4 BN groups per step (2 per rank)."""
+    return tiny_config(run_dir, distill={"iterations": 5, "batch_syn": 16, "bn_group": 4,
+                                         "log_every": 100, **distill})
 
 
 def distill(run_dir, dtype, comm=LOCAL, is_main=True, perturb_at=None, **distill_cfg):
@@ -174,9 +164,7 @@ def one_thread():
 def prepared(tmp_path_factory):
     """Experts and forgetting scores for ``cfg_for`` (once per module)."""
     root = tmp_path_factory.mktemp("dist_prepared")
-    cfg = cfg_for(root)
-    run_experts(cfg, workers=0, progress=False)
-    save_scores(cfg.run_dir, compute_scores(cfg, load_configured(cfg.data)))
+    prepare(cfg_for(root))
     return root
 
 

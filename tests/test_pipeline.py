@@ -6,23 +6,15 @@ import dataclasses
 import json
 
 from distill import storage
-from distill.config import from_dict
 from launch import pipeline
 from launch.pipeline import run_pipeline
+from tiny import tiny_config
 
 
 def tiny(run_dir):
-    return from_dict({
-        "run_dir": str(run_dir), "seed": 2,
-        "data": {"name": "digits", "train_per_class": 30},
-        "model": {"name": "convnet", "width": 8, "depth": 1},
-        "experts": {"num_experts": 2, "epochs": 3, "batch_size": 32, "lr": 0.05, "el2n_epoch": 1},
-        "select": {"ipc": 4, "beta": 0.2},
-        "distill": {"alpha": 0.5, "iterations": 2, "syn_steps": 2, "expert_epochs": 1,
-                    "max_start_epoch": 2, "batch_syn": 8, "lr_images": 100.0},
-        "eval": {"model": "convnet", "runs": 2, "epochs": 3, "batch_size": 32},
-        "tune": {"beta_step": 0.25, "beta_epoch_fraction": 0.5},
-    })
+    return tiny_config(run_dir, seed=2, distill={"iterations": 2, "syn_steps": 2},
+                       eval={"model": "convnet", "runs": 2, "epochs": 3, "batch_size": 32},
+                       tune={"beta_step": 0.25, "beta_epoch_fraction": 0.5})
 
 
 def test_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):

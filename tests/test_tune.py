@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from distill import storage
-from distill.config import ConfigError, from_dict, load_config
+from distill.config import ConfigError, load_config
 from distill.data import load_configured
 from distill.metrics import read_jsonl
-from distill.scores import compute_scores, load_scores, save_scores
-from launch.experts import run_experts
+from distill.scores import load_scores
+from tiny import prepare, tiny_config
 from tune.main import TrialLog, _run_local, run_tune, selected_overrides
 from tune.search import HillClimb, make_grid
 from tune.trials import TrialContext, feasible_beta, validation_split
@@ -233,27 +233,15 @@ def test_searcher_on_ray_tune_runs_trials_in_parallel(ray_local, tmp_path):
 
 
 def tiny_cfg(run_dir, **tune):
-    return from_dict({
-        "run_dir": str(run_dir), "seed": 3,
-        "data": {"name": "digits", "train_per_class": 30},
-        "model": {"name": "convnet", "width": 8, "depth": 1},
-        "experts": {"num_experts": 2, "epochs": 3, "batch_size": 32, "lr": 0.05, "el2n_epoch": 1},
-        "select": {"ipc": 4, "beta": 0.2},
-        "distill": {"alpha": 0.5, "iterations": 4, "syn_steps": 3, "expert_epochs": 1,
-                    "max_start_epoch": 2, "batch_syn": 8, "lr_images": 100.0},
-        "eval": {"model": "convnet", "epochs": 10, "batch_size": 32},
-        "tune": {"beta_step": 0.2, "alpha_step": 0.25, "beta_epoch_fraction": 0.2,
-                 "alpha_iterations": 2, "max_concurrent": 2, **tune},
-    })
+    return tiny_config(run_dir, seed=3,
+                       eval={"model": "convnet", "epochs": 10, "batch_size": 32},
+                       tune={"beta_step": 0.2, "alpha_step": 0.25, "beta_epoch_fraction": 0.2,
+                             "alpha_iterations": 2, "max_concurrent": 2, **tune})
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune_run")
-    cfg = tiny_cfg(root)
-    run_experts(cfg, workers=0, progress=False)
-    save_scores(cfg.run_dir, compute_scores(cfg, load_configured(cfg.data)))
-    return cfg
+    return prepare(tiny_cfg(tmp_path_factory.mktemp("tune_run")))
 
 
 def test_validation_split_is_stratified_disjoint_seeded_and_shared_with_window(prepared):

@@ -1,0 +1,37 @@
+"""The tiny digits problem shared by the distillation, distributed, pipeline and tune tests.
+
+30 images per class, a depth-1 ConvNet of width 8, 2 experts of 3 epochs, IPC 4: every stage of
+the pipeline runs in seconds on 2 CPU cores and still does real work.
+"""
+
+from __future__ import annotations
+
+from distill.config import RunConfig, from_dict
+from distill.data import load_configured
+from distill.scores import compute_scores, save_scores
+from launch.experts import run_experts
+
+BASE = {
+    "data": {"name": "digits", "train_per_class": 30},
+    "model": {"name": "convnet", "width": 8, "depth": 1},
+    "experts": {"num_experts": 2, "epochs": 3, "batch_size": 32, "lr": 0.05, "el2n_epoch": 1},
+    "select": {"ipc": 4, "beta": 0.2, "init": "window"},
+    "distill": {"alpha": 0.5, "iterations": 4, "syn_steps": 3, "expert_epochs": 1,
+                "max_start_epoch": 2, "batch_syn": 8, "lr_images": 100.0,
+                "checkpoint_every": 2, "log_every": 1},
+}
+
+
+def tiny_config(run_dir, *, seed: int = 5, **sections: dict) -> RunConfig:
+    """BASE with each given section's fields replaced (a shallow merge per section)."""
+    data = {"run_dir": str(run_dir), "seed": seed}
+    for key in BASE.keys() | sections.keys():
+        data[key] = {**BASE.get(key, {}), **sections.get(key, {})}
+    return from_dict(data)
+
+
+def prepare(cfg: RunConfig) -> RunConfig:
+    """Train the experts in-process and write the forgetting scores into ``cfg.run_dir``."""
+    run_experts(cfg, workers=0, progress=False)
+    save_scores(cfg.run_dir, compute_scores(cfg, load_configured(cfg.data)))
+    return cfg
