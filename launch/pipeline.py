@@ -148,6 +148,40 @@ def run_pipeline(cfg: RunConfig, *, workers: int | None = None, ray_address: str
     return url
 
 
+def cmd_window(args, overrides: list[str]) -> int:
+    """``selmatch window``: the β grid search and the oracle-window set at the best β."""
+    from launch.cli import resolve_config
+
+    cfg = resolve_config(args, overrides)
+    save_config(cfg)
+    ds = load_configured(cfg.data)
+    window = _stage_window(cfg, ds)
+    synset = baseline_set("window", cfg, ds, load_scores(cfg.run_dir, cfg.scores.kind),
+                          window["best_beta"])
+    synset.save(cfg.run_dir, "window", meta={"method": "window", "ipc": cfg.select.ipc,
+                                             "beta": window["best_beta"], "seed": cfg.seed},
+                denormalize=ds.denormalize)
+    print(storage.join(cfg.run_dir, "window", "results.json"))
+    return 0
+
+
+def cmd_evaluate(args, overrides: list[str]) -> int:
+    """``selmatch evaluate``: evaluate every synthetic set present in ``synset/``."""
+    from launch.cli import resolve_config
+
+    cfg = resolve_config(args, overrides)
+    methods = [m for m in (*BASELINES, "mtt", "selmatch", "merge")
+               if storage.exists(storage.join(cfg.run_dir, "synset", f"{m}.pt"))]
+    if not methods:
+        raise FileNotFoundError(f"no synthetic sets in {storage.join(cfg.run_dir, 'synset')}; "
+                                f"create them with `selmatch distill` or `selmatch run`")
+    save_config(cfg)
+    _stage_evaluate(cfg, load_configured(cfg.data), methods)
+    for m in methods:
+        print(storage.join(cfg.run_dir, "eval", f"{m}.json"))
+    return 0
+
+
 def cmd_run(args, overrides: list[str]) -> int:
     from launch.cli import resolve_config
 

@@ -86,3 +86,23 @@ def test_import_scores_command(tmp_path, capsys):
     np.save(tmp_path / "f.npy", np.arange(n + 1, dtype=np.float32))
     assert main(args) == 2
     assert "301 scores" in capsys.readouterr().err
+
+
+def test_window_and_evaluate_commands(tmp_path, capsys):
+    from distill.config import dump_yaml
+    from tiny import prepare, tiny_config
+
+    cfg = prepare(tiny_config(tmp_path, eval={"model": "convnet", "runs": 1, "epochs": 2,
+                                              "batch_size": 32},
+                              tune={"beta_step": 0.5, "beta_epoch_fraction": 0.5}))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert main(["window", "--config", str(path)]) == 0
+    results = storage.read_json(f"{tmp_path}/window/results.json")
+    assert results["betas"] == [0.0, 0.5] and results["best_beta"] in (0.0, 0.5)
+    assert storage.exists(f"{tmp_path}/synset/window.pt")
+    assert main(["evaluate", "--config", str(path)]) == 0
+    record = storage.read_json(f"{tmp_path}/eval/window.json")
+    assert record["runs"] == 1 and record["epochs"] == 2 and record["coverage"] is not None
+    assert main(["evaluate", "--config", str(path), "--run_dir", str(tmp_path / "empty")]) == 2
+    assert "no synthetic sets" in capsys.readouterr().err
