@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import types
 import typing
@@ -424,11 +423,6 @@ def config_hash(cfg: RunConfig, *sections: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def n_distill(cfg: RunConfig) -> int:
-    """Learnable images per class: floor(alpha * IPC) (DESIGN.md §2)."""
-    return int(math.floor(cfg.distill.alpha * cfg.select.ipc + 1e-9))
-
-
 def syn_lr_init(cfg: RunConfig) -> float:
     return cfg.distill.syn_lr_init if cfg.distill.syn_lr_init is not None else cfg.experts.lr
 
@@ -441,148 +435,8 @@ def batch_syn(cfg: RunConfig, num_classes: int) -> int:
     return cfg.distill.batch_syn or cfg.select.ipc * num_classes
 
 
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-SELECT_INITS = ("window", "random", "topk")
-SCORE_KINDS = ("forgetting", "el2n", "cscore")
-EXPERT_AUGMENTS = ("dsa", "none")
-DISTILL_AUGMENTS = ("dsa", "none")
-DISTILL_MODES = ("joint", "merge")
-EVAL_AUGMENTS = ("combined", "dsa", "simple", "none")
-
-
-def _choice(problems: list[str], path: str, value: Any, allowed: tuple[str, ...] | list[str]) -> bool:
-    if value not in allowed:
-        problems.append(f"{path} must be one of {', '.join(allowed)}; got {value!r}")
-        return False
-    return True
-
-
-def _range(problems: list[str], path: str, value: float | None, lo: float | None = None,
-           hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    if value is None:
-        return
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
-        hi is not None and (value >= hi if hi_open else value > hi))
-    if bad:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        lo_s = "-inf" if lo is None else f"{lo:g}"
-        hi_s = "inf" if hi is None else f"{hi:g}"
-        problems.append(f"{path} must be in {left}{lo_s}, {hi_s}{right}, got {value:g}")
-
-
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check every field and the relations between them; raise one ConfigError listing all."""
-    from distill import data as data_mod
-    from distill import models as models_mod
+    """Check every field and the relations between them (distill/validation.py)."""
+    from distill.validation import validate_config
 
-    problems: list[str] = []
-    info = None
-    if _choice(problems, "data.name", cfg.data.name, data_mod.dataset_names()):
-        try:
-            info = data_mod.get_info(cfg.data.name, train_per_class=cfg.data.train_per_class,
-                                     options=cfg.data.options)
-        except ValueError as err:
-            problems.append(f"data.options: {err}")
-    _range(problems, "data.train_per_class", cfg.data.train_per_class, 1)
-
-    models = models_mod.model_names()
-    _choice(problems, "model.name", cfg.model.name, models)
-    _choice(problems, "model.norm", cfg.model.norm, models_mod.NORMS)
-    _range(problems, "model.width", cfg.model.width, 1)
-    _range(problems, "model.depth", cfg.model.depth, 1)
-    _choice(problems, "eval.model", cfg.eval.model, models)
-
-    ex = cfg.experts
-    _range(problems, "experts.num_experts", ex.num_experts, 1)
-    _range(problems, "experts.epochs", ex.epochs, 1)
-    _range(problems, "experts.lr", ex.lr, 0, lo_open=True)
-    _range(problems, "experts.momentum", ex.momentum, 0, 1, hi_open=True)
-    _range(problems, "experts.weight_decay", ex.weight_decay, 0)
-    _range(problems, "experts.batch_size", ex.batch_size, 1)
-    _choice(problems, "experts.augment", ex.augment, EXPERT_AUGMENTS)
-    _range(problems, "experts.el2n_epoch", ex.el2n_epoch, 1, ex.epochs)
-    _range(problems, "experts.num_cpus", ex.num_cpus, 0)
-    _range(problems, "experts.num_gpus", ex.num_gpus, 0)
-
-    if _choice(problems, "scores.kind", cfg.scores.kind, SCORE_KINDS):
-        if cfg.scores.kind == "cscore" and not cfg.scores.file:
-            problems.append("scores.file is required when scores.kind is cscore "
-                            "(C-scores cannot be computed here; e.g. ../shared/scores/cscores_CIFAR10.npz)")
-
-    sel = cfg.select
-    _choice(problems, "select.init", sel.init, SELECT_INITS)
-    _range(problems, "select.ipc", sel.ipc, 1)
-    _range(problems, "select.beta", sel.beta, 0, 1, hi_open=True)
-    if info is not None and sel.ipc >= 1:
-        n_c = info.min_class_size
-        if sel.ipc > n_c:
-            problems.append(f"select.ipc ({sel.ipc}) is larger than the smallest class of "
-                            f"{info.name} ({n_c} training samples)")
-        elif sel.init == "window" and sel.beta + sel.ipc / n_c > 1 + 1e-9:
-            problems.append(
-                f"select.beta ({sel.beta:g}) + select.ipc / class size ({sel.ipc}/{n_c} = "
-                f"{sel.ipc / n_c:.4g}) must be <= 1 so the window fits in the class; "
-                f"use select.beta <= {1 - sel.ipc / n_c:.4g}")
-
-    d = cfg.distill
-    _range(problems, "distill.alpha", d.alpha, 0, 1)
-    _range(problems, "distill.iterations", d.iterations, 0)
-    _range(problems, "distill.syn_steps", d.syn_steps, 1)
-    _range(problems, "distill.expert_epochs", d.expert_epochs, 1)
-    _range(problems, "distill.max_start_epoch", d.max_start_epoch, 1)
-    _range(problems, "distill.batch_syn", d.batch_syn, 1)
-    _range(problems, "distill.bn_group", d.bn_group, 1)
-    _range(problems, "distill.lr_images", d.lr_images, 0, lo_open=True)
-    _range(problems, "distill.lr_lr", d.lr_lr, 0)
-    _range(problems, "distill.syn_lr_init", d.syn_lr_init, 0, lo_open=True)
-    _range(problems, "distill.momentum", d.momentum, 0, 1, hi_open=True)
-    _range(problems, "distill.checkpoint_every", d.checkpoint_every, 1)
-    _range(problems, "distill.log_every", d.log_every, 1)
-    _range(problems, "distill.check_every", d.check_every, 1)
-    _choice(problems, "distill.mode", d.mode, DISTILL_MODES)
-    _choice(problems, "distill.augment", d.augment, DISTILL_AUGMENTS)
-    if d.max_start_epoch + d.expert_epochs > ex.epochs:
-        problems.append(
-            f"distill.max_start_epoch + distill.expert_epochs ({d.max_start_epoch} + "
-            f"{d.expert_epochs}) must be <= experts.epochs ({ex.epochs}): the target "
-            f"epoch t + M must exist in every expert trajectory")
-    if info is not None and sel.ipc >= 1:
-        total = sel.ipc * info.num_classes
-        b = batch_syn(cfg, info.num_classes)
-        if b > total:
-            problems.append(f"distill.batch_syn ({b}) exceeds the synthetic set size "
-                            f"(select.ipc x classes = {total})")
-        g = d.bn_group or b
-        if b >= 1 and g >= 1 and b % g != 0:
-            problems.append(f"distill.bn_group ({g}) must divide distill.batch_syn ({b})")
-
-    ev = cfg.eval
-    _range(problems, "eval.runs", ev.runs, 1)
-    _range(problems, "eval.epochs", ev.epochs, 1)
-    _range(problems, "eval.lr", ev.lr, 0, lo_open=True)
-    _range(problems, "eval.momentum", ev.momentum, 0, 1, hi_open=True)
-    _range(problems, "eval.weight_decay", ev.weight_decay, 0)
-    _range(problems, "eval.batch_size", ev.batch_size, 1)
-    _choice(problems, "eval.augment", ev.augment, EVAL_AUGMENTS)
-
-    t = cfg.tune
-    _range(problems, "tune.beta_step", t.beta_step, 0, 1, lo_open=True)
-    _range(problems, "tune.alpha_step", t.alpha_step, 0, 1, lo_open=True)
-    _range(problems, "tune.beta_epoch_fraction", t.beta_epoch_fraction, 0, 1, lo_open=True)
-    _range(problems, "tune.alpha_iterations", t.alpha_iterations, 1)
-    _range(problems, "tune.alpha_epoch_fraction", t.alpha_epoch_fraction, 0, 1, lo_open=True)
-    _range(problems, "tune.val_fraction", t.val_fraction, 0, 0.5, lo_open=True)
-    _range(problems, "tune.eval_runs", t.eval_runs, 1)
-    for name in ("beta_bound", "alpha_bound", "beta_start", "alpha_start"):
-        _range(problems, f"tune.{name}", getattr(t, name), 0, 1)
-    _range(problems, "tune.max_concurrent", t.max_concurrent, 1)
-    _range(problems, "tune.num_cpus", t.num_cpus, 0)
-    _range(problems, "tune.num_gpus", t.num_gpus, 0)
-
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return validate_config(cfg)

@@ -16,7 +16,6 @@ from distill.config import (
     dump_yaml,
     from_dict,
     load_config,
-    n_distill,
     parse_overrides,
     save_config,
 )
@@ -141,10 +140,3 @@ def test_resolved_config_roundtrip_through_fsspec():
     again = load_config(url)
     assert again == cfg
     assert dump_yaml(again) == storage.read_text(url)
-
-
-def test_n_distill_floor():
-    cfg = from_dict({"select": {"ipc": 10}, "distill": {"alpha": 0.29}})
-    assert n_distill(cfg) == 2
-    cfg = from_dict({"select": {"ipc": 10}, "distill": {"alpha": 0.3}})
-    assert n_distill(cfg) == 3  # 0.3 * 10 is 2.9999999999999996 in floating point

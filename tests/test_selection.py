@@ -52,7 +52,8 @@ def test_window_past_the_end_is_an_error():
 
 @pytest.mark.parametrize("ipc,alpha,expect", [
     (10, 0.5, (5, 5)), (10, 0.0, (10, 0)), (10, 1.0, (0, 10)), (25, 0.8, (5, 20)),
-    (250, 0.6, (100, 150)), (10, 0.3, (7, 3)), (7, 0.5, (4, 3)),
+    (250, 0.6, (100, 150)), (7, 0.5, (4, 3)),
+    (10, 0.29, (8, 2)), (10, 0.3, (7, 3)),  # 0.3 * 10 is 2.9999999999999996 in floating point
 ])
 def test_split_counts(ipc, alpha, expect):
     assert split_counts(ipc, alpha) == expect
