@@ -45,7 +45,7 @@ case "${1:-}" in
     python3 -m launch.cli run --config configs/fmnist_ipc300.yaml --workers 0 --run_dir "$run_dir" \
       --experts.num_experts 4 --experts.epochs 12 --distill.max_start_epoch 8 \
       --distill.iterations 300 --distill.checkpoint_every 100 --eval.runs 2 --eval.epochs 150 \
-      --tune.beta_step 0.2 "${extra[@]}" 2>&1 | grep -v -e "it/s" -e "s/it" | tail -80|s/it\]" | tail -80 > "$OUT/fmnist.log"
+      --tune.beta_step 0.2 "${extra[@]}" 2>&1 | grep -v -e "it/s" -e "s/it" | tail -80 > "$OUT/fmnist.log"
     cp "$run_dir/report.md" "$run_dir/results.json" "$OUT/" 2>/dev/null
     cp "$run_dir/synset/selmatch.png" "$OUT/fmnist_selmatch.png" 2>/dev/null
     tail -20 "$OUT/fmnist.log"
