@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"distill: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # diverged; the last good checkpoint is kept
+        print(f"distill: {err}", file=sys.stderr)
+        return 1
     finally:
         rt.close()
     return 0

@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"selmatch {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a diverged distillation: the message says what to change
+        print(f"selmatch {args.command}: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"selmatch {args.command}: interrupted", file=sys.stderr)
         return 130

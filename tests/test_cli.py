@@ -106,3 +106,19 @@ def test_window_and_evaluate_commands(tmp_path, capsys):
     assert record["runs"] == 1 and record["epochs"] == 2 and record["coverage"] is not None
     assert main(["evaluate", "--config", str(path), "--run_dir", str(tmp_path / "empty")]) == 2
     assert "no synthetic sets" in capsys.readouterr().err
+
+
+def test_diverged_distillation_exits_1_with_message(tmp_path, capsys, monkeypatch):
+    from distill.distiller import DivergenceError, Distiller
+
+    def diverge(self, iteration):
+        raise DivergenceError(f"matching loss or gradient is not finite at iteration {iteration}")
+
+    monkeypatch.setattr(Distiller, "step", diverge)
+    from distill.config import dump_yaml
+    from tiny import prepare, tiny_config
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_yaml(prepare(tiny_config(tmp_path))))
+    assert main(["distill", "--config", str(path)]) == 1
+    assert "not finite at iteration 0" in capsys.readouterr().err
