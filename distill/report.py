@@ -9,7 +9,6 @@ matplotlib's Agg backend (no display needed).
 from __future__ import annotations
 
 import io as _io
-import json
 
 from distill import storage
 
@@ -106,6 +105,3 @@ def write_report(run_dir: str, *, title: str, config_text: str, notes: list[str]
     storage.write_text(url, "\n".join(lines))
     return url
 
-
-def results_json(run_dir: str) -> dict:
-    return json.loads(storage.read_text(storage.join(run_dir, "results.json")))

@@ -58,12 +58,6 @@ class SyntheticSet:
                             self.labels.to(device), self.is_distilled, self.source_index,
                             float(self.syn_lr.detach()))
 
-    def frozen(self) -> SyntheticSet:
-        """The same images with every row frozen (a pure selection: nothing is distilled)."""
-        images = self.images().detach()
-        return SyntheticSet(images, images[:0], self.labels, torch.zeros_like(self.is_distilled),
-                            self.source_index, float(self.syn_lr.detach()))
-
     # -- persistence -------------------------------------------------------------------------
 
     def state(self, method: str, meta: dict | None = None) -> dict:

@@ -11,8 +11,6 @@ from typing import Any
 
 from distill.config import ConfigError, RunConfig, batch_syn
 
-SELECT_INITS = ("window", "random", "topk")
-SCORE_KINDS = ("forgetting", "el2n", "cscore")
 EXPERT_AUGMENTS = ("dsa", "none")
 DISTILL_AUGMENTS = ("dsa", "none")
 DISTILL_MODES = ("joint", "merge")
@@ -44,6 +42,8 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     """Check every field and the relations between them; raise one ConfigError listing all."""
     from distill import data as data_mod
     from distill import models as models_mod
+    from distill.scores import SCORE_KINDS
+    from distill.selection import INITS as SELECT_INITS
 
     problems: list[str] = []
     info = None
@@ -74,7 +74,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _range(problems, "experts.num_cpus", ex.num_cpus, 0)
     _range(problems, "experts.num_gpus", ex.num_gpus, 0)
 
-    if _choice(problems, "scores.kind", cfg.scores.kind, SCORE_KINDS):
+    if _choice(problems, "scores.kind", cfg.scores.kind, list(SCORE_KINDS)):
         if cfg.scores.kind == "cscore" and not cfg.scores.file:
             problems.append("scores.file is required when scores.kind is cscore "
                             "(C-scores cannot be computed here; e.g. ../shared/scores/cscores_CIFAR10.npz)")

@@ -37,10 +37,6 @@ def train_and_save(cfg: RunConfig, ds: Dataset, expert_id: int, progress: bool =
     return ExpertStore(cfg).save(result)
 
 
-def load_data(cfg: RunConfig) -> Dataset:
-    return load_configured(cfg.data)
-
-
 def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str | None = None,
                 progress: bool = True) -> dict:
     """Train every missing expert; returns the manifest. ``workers=0`` trains without Ray."""
@@ -55,7 +51,7 @@ def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str 
         return store.manifest()
     log.info("%d of %d experts present; training %d (%s)", done, cfg.experts.num_experts,
              len(missing), "in-process" if workers == 0 else "Ray")
-    ds = load_data(cfg)
+    ds = load_configured(cfg.data)
     bar = tqdm(total=len(missing), desc="experts", disable=not progress)
     if workers == 0:
         for expert_id in missing:

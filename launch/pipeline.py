@@ -28,7 +28,7 @@ from distill.experts import expert_network
 from distill.main import run_distill
 from distill.report import write_report
 from distill.scores import load_scores, scores_exist
-from distill.synset import SyntheticSet, load_synset
+from distill.synset import load_synset
 from distill.trajectories import ExpertStore
 from launch.experts import run_experts
 from launch.scores import run_scores

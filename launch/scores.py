@@ -15,14 +15,14 @@ import logging
 import numpy as np
 
 from distill.config import RunConfig, save_config
+from distill.data import load_configured
 from distill.scores import Scores, compute_scores, save_scores
-from launch.experts import load_data
 
 log = logging.getLogger(__name__)
 
 
 def run_scores(cfg: RunConfig) -> Scores:
-    ds = load_data(cfg)
+    ds = load_configured(cfg.data)
     scores = compute_scores(cfg, ds)
     save_config(cfg)
     url = save_scores(cfg.run_dir, scores)

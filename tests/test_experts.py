@@ -10,7 +10,6 @@ import torch
 
 from distill import storage
 from distill.config import from_dict
-from distill.data import get_info
 from distill.experts import forgetting_counts
 from distill.scores import (
     compute_scores,
@@ -21,7 +20,8 @@ from distill.scores import (
 )
 from distill.trajectories import ExpertStore
 from launch import experts as launch_experts
-from launch.experts import load_data, run_experts
+from distill.data import get_info, load_configured
+from launch.experts import run_experts
 
 
 def tiny_cfg(run_dir: str, **experts):
@@ -143,7 +143,7 @@ def test_scores_from_experts_and_roundtrip(tmp_path):
     cfg = tiny_cfg(tmp_path)
     run_experts(cfg, workers=0, progress=False)
     experts = ExpertStore(cfg).load_all()
-    ds = load_data(cfg)
+    ds = load_configured(cfg.data)
     forget = compute_scores(cfg, ds)
     assert forget.kind == "forgetting" and forget.hard_end == "high"
     expected = np.mean([forgetting_counts(e.correct).numpy() for e in experts], axis=0)
@@ -158,7 +158,7 @@ def test_scores_from_experts_and_roundtrip(tmp_path):
 
 def test_imported_scores_checked(tmp_path):
     cfg = tiny_cfg(tmp_path)
-    ds = load_data(cfg)
+    ds = load_configured(cfg.data)
     n = len(ds.y_train)
     np.save(tmp_path / "short.npy", np.zeros(n - 1))
     with pytest.raises(ValueError, match=f"{n - 1} scores but digits has {n} "):

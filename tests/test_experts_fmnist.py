@@ -14,7 +14,7 @@ import torch
 from distill.config import from_dict
 from distill.experts import build_network, el2n_scores, train_expert
 from distill.scores import from_experts
-from launch.experts import load_data
+from distill.data import load_configured
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,7 +32,7 @@ def test_fmnist_experts_learn_and_forgetting_ranks_difficulty():
         "select": {"ipc": 10},
         "distill": {"max_start_epoch": 2, "expert_epochs": 2},
     })
-    ds = load_data(cfg)
+    ds = load_configured(cfg.data)
     experts = [train_expert(cfg, ds, i) for i in range(3)]
     for e in experts:
         # accuracy rises: the last two epochs beat the first clearly
