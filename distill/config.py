@@ -153,6 +153,21 @@ class DistillConfig:
     """joint: match with the whole set (eq. 2); merge: distill D_distill alone, then concatenate."""
     augment: str = "dsa"
     """Augmentation of each student minibatch: dsa or none."""
+    compile: str = "auto"
+    """How the matching step's inner steps run: on = compiled (torch.compile of the functional
+    ConvNet's torch.func steps, CUDA graphs on CUDA), off = the eager reference, auto = on for
+    CUDA, off on CPU (compiling costs about a minute per kernel there). Both give the same result
+    to float rounding; a compiled path that fails or disagrees falls back to eager with a warning."""
+    cuda_graphs: bool = True
+    """With the compiled path on CUDA, replay each step as a CUDA graph (torch.compile's
+    reduce-overhead mode); false = compiled kernels launched one by one."""
+    groups_per_call: int | None = None
+    """Compiled path: BN groups a rank pushes through one call; None = all of its groups in a
+    step. Memory grows with the rows per call; the result does not depend on it."""
+    precision: str = "auto"
+    """float32 convolutions of the matching step on CUDA: tf32 (PyTorch's default for
+    convolutions, what the reference code ran with) or fp32 (strict); auto = tf32 on CUDA.
+    No effect on CPU. Gradient error of each against float64: docs/matching.md."""
     checkpoint_every: int = 100
     """Save a resumable checkpoint every K iterations."""
     log_every: int = 10

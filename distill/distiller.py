@@ -22,7 +22,8 @@ from distill.augment import DSA, make_generator
 from distill.config import RunConfig, batch_syn, bn_group, config_hash
 from distill.data import Dataset
 from distill.experts import build_network
-from distill.matching import LOCAL, Collectives, Student, make_plan, match_replay, theta_pair
+from distill.matching import LOCAL, Collectives, make_plan, match_replay, theta_pair
+from distill.student import Student, set_precision
 from distill.metrics import Metrics
 from distill.synset import SyntheticSet
 from distill.trajectories import ExpertStore
@@ -30,7 +31,9 @@ from distill.trajectories import ExpertStore
 log = logging.getLogger(__name__)
 
 _SAMPLE = 41  # generator stream tag for (expert, start epoch)
-_NOT_HASHED = ("iterations", "checkpoint_every", "log_every", "check_every")  # may change on --resume
+# may change on --resume: how far to go, how often to save or log, and how the (same) math runs
+_NOT_HASHED = ("iterations", "checkpoint_every", "log_every", "check_every", "compile",
+               "cuda_graphs", "groups_per_call")
 
 
 class DivergenceError(FloatingPointError):
@@ -88,8 +91,11 @@ class Distiller:
         self.trajectories = TrajectoryCache(store)
         dtype = synset.distilled.dtype
         self.dsa = DSA() if cfg.distill.augment == "dsa" else None
+        self.precision = set_precision(cfg.distill.precision, self.device)
         self.student = Student.of(build_network(cfg, ds).to(self.device), self.dsa, dtype,
-                                  self.device)
+                                  self.device, compile=cfg.distill.compile,
+                                  cuda_graphs=cfg.distill.cuda_graphs,
+                                  groups_per_call=cfg.distill.groups_per_call)
         # merge (ablation): D_distill is matched alone and concatenated afterwards
         n_match = len(synset.distilled) if self.method == "merge" else len(synset)
         self.batch = min(batch_syn(cfg, ds.info.num_classes), n_match)

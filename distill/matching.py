@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from distill.augment import DSA, DSAParams, make_generator
-from distill.models import ParamLayout, functional_forward
+from distill.student import Student
+
+__all__ = ["LOCAL", "Collectives", "LocalCollectives", "MatchPlan", "MatchResult", "StepPlan",
+           "Student", "make_plan", "match_replay", "match_unrolled", "rank_groups", "theta_pair"]
 
 _PLAN, _AUG = 31, 32  # generator stream tags
 
@@ -85,6 +87,40 @@ class MatchPlan:
     def num_groups(self) -> int:
         return self.batch // self.group
 
+    @property
+    def device(self) -> torch.device:
+        return self.steps[0].index.device
+
+    def to(self, device: torch.device | str) -> MatchPlan:
+        """The plan on ``device`` in one host-to-device copy per dtype (not one per tensor).
+
+        The N steps' indices and augmentation values are packed into one buffer per dtype,
+        copied once (from pinned memory, asynchronously, on CUDA) and cut into views, so the
+        N-step loops of the replay index device tensors and never wait for the host.
+        """
+        device = torch.device(device)
+        return self if self.device == device else self._packed_copy(device)
+
+    def _packed_copy(self, device: torch.device) -> MatchPlan:
+        tensors = [s.index for s in self.steps] + [v for s in self.steps if s.aug is not None
+                                                   for v in s.aug.values.values()]
+        moved = {}
+        for dtype in {t.dtype for t in tensors}:
+            same = [t for t in tensors if t.dtype == dtype]
+            packed = torch.cat([t.reshape(-1).view(torch.uint8) if dtype == torch.bool
+                                else t.reshape(-1) for t in same])
+            if device.type == "cuda":
+                packed = packed.pin_memory()
+            packed = packed.to(device, non_blocking=True)
+            parts = packed.split([t.numel() for t in same])
+            for t, part in zip(same, parts):
+                part = part.view(torch.bool) if dtype == torch.bool else part
+                moved[id(t)] = part.view(t.shape)
+        steps = tuple(StepPlan(moved[id(s.index)], None if s.aug is None else DSAParams(
+            s.aug.family, {k: moved[id(v)] for k, v in s.aug.values.items()}))
+            for s in self.steps)
+        return MatchPlan(steps, self.group)
+
 
 def make_plan(n_images: int, *, batch: int, steps: int, group: int, image_size: tuple[int, int],
               dsa: DSA | None, seed: int, iteration: int) -> MatchPlan:
@@ -119,44 +155,6 @@ def rank_groups(num_groups: int, rank: int, world_size: int) -> range:
 
 
 # --------------------------------------------------------------------------------------------
-# The step's loss on one group
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Student:
-    """The network whose functional form is unrolled, with detached buffers of the right dtype."""
-
-    model: torch.nn.Module
-    layout: ParamLayout
-    dsa: DSA | None
-    buffers: dict[str, torch.Tensor]
-
-    @classmethod
-    def of(cls, model: torch.nn.Module, dsa: DSA | None, dtype: torch.dtype,
-           device: torch.device | str) -> Student:
-        model.train()  # BN uses batch statistics: they are part of the matched computation
-        buffers = {name: b.detach().to(device, dtype if b.is_floating_point() else b.dtype).clone()
-                   for name, b in model.named_buffers()}
-        return cls(model, ParamLayout.of(model), dsa, buffers)
-
-    def group_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                   aug: DSAParams | None, batch: int) -> torch.Tensor:
-        """CE summed over the group's rows / |b| (so group losses add up to the step loss)."""
-        if aug is not None and self.dsa is not None:
-            x = self.dsa.apply(x, aug)
-        out = functional_forward(self.model, theta, x, self.layout, buffers=self.buffers)
-        return F.cross_entropy(out, y, reduction="sum") / batch
-
-
-def _group_rows(step: StepPlan, gid: int, g: int,
-                device: torch.device) -> tuple[torch.Tensor, DSAParams | None]:
-    """Rows (on the images' device: plans are drawn on the CPU) and augmentation of one group."""
-    lo, hi = gid * g, (gid + 1) * g
-    return step.index[lo:hi].to(device), (step.aug.slice(lo, hi) if step.aug is not None else None)
-
-
-# --------------------------------------------------------------------------------------------
 # Matching with replay
 # --------------------------------------------------------------------------------------------
 
@@ -169,31 +167,34 @@ class MatchResult:
     start_distance: float       # ‖θ*_t − θ*_{t+M}‖²
 
 
-def _step_gradient(student: Student, theta: torch.Tensor, images: torch.Tensor,
-                   labels: torch.Tensor, step: StepPlan, plan: MatchPlan, groups: range,
-                   comm: Collectives) -> torch.Tensor:
-    """g_k summed over this rank's groups, then over ranks (no graph kept)."""
-    grad = torch.zeros_like(theta)
-    for gid in groups:
-        rows, aug = _group_rows(step, gid, plan.group, images.device)
-        th = theta.detach().requires_grad_(True)
-        loss = student.group_loss(th, images[rows], labels[rows], aug, plan.batch)
-        grad += torch.autograd.grad(loss, th)[0]
-    return comm.all_reduce_sum(grad)
+def _rank_rows(step: StepPlan, groups: range, g: int) -> tuple[torch.Tensor, DSAParams | None]:
+    """This rank's rows of a step (its groups are contiguous) and their augmentation."""
+    lo, hi = groups.start * g, groups.stop * g
+    return step.index[lo:hi], (step.aug.slice(lo, hi) if step.aug is not None else None)
 
 
 def match_replay(student: Student, start: torch.Tensor, target: torch.Tensor,
                  images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, plan: MatchPlan,
                  *, comm: Collectives = LOCAL, images_grad: bool = True) -> MatchResult:
-    """Loss and exact gradients w.r.t. ``images`` and ``lr`` with memory independent of N."""
+    """Loss and exact gradients w.r.t. ``images`` and ``lr`` with memory independent of N.
+
+    The per-step work is ``student.steps`` (eager reference or compiled); this function owns the
+    order of the steps and the collectives. Nothing inside the two N-step loops copies between
+    host and device: the plan is moved to the images' device once, up front.
+    """
     images, lr_value = images.detach(), lr.detach()
+    plan = plan.to(images.device)
     groups = rank_groups(plan.num_groups, comm.rank, comm.world_size)
+    steps, g, b = student.steps, plan.group, plan.batch
 
     # forward: keep θ_0 … θ_N only
     thetas = [start.detach()]
     for step in plan.steps:
-        g = _step_gradient(student, thetas[-1], images, labels, step, plan, groups, comm)
-        thetas.append(thetas[-1] - lr_value * g)
+        grad = torch.zeros_like(thetas[-1])
+        if len(groups):
+            rows, aug = _rank_rows(step, groups, g)
+            grad = steps.gradient(thetas[-1], images[rows], labels[rows], aug, group=g, batch=b)
+        thetas.append(thetas[-1] - lr_value * comm.all_reduce_sum(grad))
     denom = (start - target).pow(2).sum()
     diff = thetas[-1] - target
     loss = diff.pow(2).sum() / denom
@@ -203,21 +204,15 @@ def match_replay(student: Student, start: torch.Tensor, target: torch.Tensor,
     grad_images = torch.zeros_like(images)
     grad_lr = torch.zeros((), dtype=images.dtype, device=images.device)
     for k in range(len(plan.steps) - 1, -1, -1):
-        step = plan.steps[k]
-        th = thetas[k].detach().requires_grad_(True)
-        h_lam = torch.zeros_like(th)
-        for gid in groups:
-            rows, aug = _group_rows(step, gid, plan.group, images.device)
-            xb = images[rows].requires_grad_(images_grad)
-            loss_g = student.group_loss(th, xb, labels[rows], aug, plan.batch)
-            g = torch.autograd.grad(loss_g, th, create_graph=True)[0]
-            g_dot_lam = (g * lam).sum()
-            wrt = [th, xb] if images_grad else [th]
-            parts = torch.autograd.grad(g_dot_lam, wrt)
-            h_lam += parts[0]
+        h_lam = torch.zeros_like(lam)
+        if len(groups):
+            rows, aug = _rank_rows(plan.steps[k], groups, g)
+            h_lam, grad_x, g_dot_lam = steps.replay(thetas[k], images[rows], labels[rows], aug,
+                                                    lam, group=g, batch=b,
+                                                    images_grad=images_grad)
             if images_grad:
-                grad_images.index_add_(0, rows, parts[1])
-            grad_lr -= g_dot_lam.detach()
+                grad_images.index_add_(0, rows, grad_x)
+            grad_lr -= g_dot_lam
         lam = lam - lr_value * comm.all_reduce_sum(h_lam)
         del thetas[k + 1]  # θ_{k+1} is no longer needed
     grad_images = comm.all_reduce_sum(grad_images) * (-lr_value)
@@ -232,13 +227,14 @@ def match_unrolled(student: Student, start: torch.Tensor, target: torch.Tensor,
 
     Kept for benchmarks (bench/matching.py) and as a second implementation; single process.
     """
+    plan = plan.to(images.device)
     x = images.detach().requires_grad_(True)
     lr_leaf = lr.detach().requires_grad_(True)
     theta = start.detach()
     for step in plan.steps:
         th = theta if theta.requires_grad else theta.requires_grad_(True)
         loss = sum(student.group_loss(th, x[rows], labels[rows], aug, plan.batch)
-                   for rows, aug in (_group_rows(step, gid, plan.group, x.device)
+                   for rows, aug in (_rank_rows(step, range(gid, gid + 1), plan.group)
                                      for gid in range(plan.num_groups)))
         g = torch.autograd.grad(loss, th, create_graph=True)[0]
         theta = th - lr_leaf * g
