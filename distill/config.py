@@ -153,11 +153,12 @@ class DistillConfig:
     """joint: match with the whole set (eq. 2); merge: distill D_distill alone, then concatenate."""
     augment: str = "dsa"
     """Augmentation of each student minibatch: dsa or none."""
-    compile: str = "auto"
+    compile: str | bool = "auto"
     """How the matching step's inner steps run: on = compiled (torch.compile of the functional
     ConvNet's torch.func steps, CUDA graphs on CUDA), off = the eager reference, auto = on for
     CUDA, off on CPU (compiling costs about a minute per kernel there). Both give the same result
-    to float rounding; a compiled path that fails or disagrees falls back to eager with a warning."""
+    to float rounding; a compiled path that fails or disagrees falls back to eager with a warning.
+    (YAML reads a bare on/off as true/false; both spellings are accepted.)"""
     cuda_graphs: bool = True
     """With the compiled path on CUDA, replay each step as a CUDA graph (torch.compile's
     reduce-overhead mode); false = compiled kernels launched one by one."""

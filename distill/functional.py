@@ -9,6 +9,9 @@ ConvNet is written out directly:
     θ.split(sizes) → views → [F.conv2d → norm → relu → avg_pool2d] × depth → F.linear
 
 with no buffers at all (in train mode BN's output does not depend on its running statistics).
+Before batch or instance norm the conv bias is left out: normalising with the data's own
+statistics removes any per-channel shift exactly, so the function is the same and the bias's
+gradient is exactly zero (the module-based path computes that zero as rounding noise).
 
 **BN groups in one call.** Batch norm takes its statistics per BN group (DESIGN.md §2): the rows
 ``[G·g, C, H, W]`` are viewed as ``[G, g, C, H, W]`` and normalised over (g, H, W) of each group,
@@ -39,6 +42,13 @@ class Block:
     norm_groups: int           # GroupNorm's groups (unused otherwise)
     norm_affine: int | None    # index of the norm weight (bias follows); None = no parameters
     eps: float
+    channels: int
+
+    @property
+    def bias_cancels(self) -> bool:
+        """Batch norm and instance norm (one group per channel) remove a per-channel shift."""
+        return self.norm == "batch" or (self.norm == "groupnorm"
+                                        and self.norm_groups == self.channels)
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,12 @@ class FunctionalConvNet:
         parts = [p.view(s) for p, s in zip(theta.split(self.sizes), self.shapes)]
         h = x
         for blk in self.blocks:
-            h = F.conv2d(h, parts[blk.conv], parts[blk.conv + 1], padding=1)
+            # A per-channel constant before batch or instance norm (normalised with the
+            # statistics of the data itself) cancels exactly: skip the conv bias there. Its
+            # gradient is then exactly 0, as in exact arithmetic, instead of rounding noise that
+            # the replay's adjoint would carry through every step.
+            bias = None if blk.bias_cancels else parts[blk.conv + 1]
+            h = F.conv2d(h, parts[blk.conv], bias, padding=1)
             h = self._norm(h, blk, parts, groups)
             h = F.avg_pool2d(F.relu(h), 2)
         return F.linear(h.flatten(1), parts[self.classifier], parts[self.classifier + 1])
@@ -104,7 +119,8 @@ def functional_convnet(model: nn.Module) -> FunctionalConvNet | None:
             kind, groups, eps = "none", 0, 0.0
         else:
             return None
-        blocks.append(Block(index[f"features.{i}.weight"], kind, groups, affine, float(eps)))
+        blocks.append(Block(index[f"features.{i}.weight"], kind, groups, affine, float(eps),
+                            conv.out_channels))
     net = FunctionalConvNet(layout.numels, layout.shapes, tuple(blocks),
                             index["classifier.weight"])
     expected = [i for blk in blocks for i in (blk.conv, blk.conv + 1)

@@ -19,8 +19,9 @@ Two implementations compute exactly the same mathematics:
   graphs (``mode="reduce-overhead"``: one launch per step instead of hundreds). A rank's BN
   groups go through one call (``groups_per_call`` caps it). DSA stays outside the compiled region:
   it is linear in the images, so its vector-Jacobian product is cheap, and kornia's warps have no
-  forward-mode derivative. Forward over reverse (``jvp`` of ``grad``) computes the same thing; it
-  ran 1.1-1.7x slower on CPU (bench/results/fast_path_variants.md), so it is not kept.
+  forward-mode derivative. Forward over reverse (``jvp`` of ``grad``) computes the same thing;
+  compiled, it took 1.16x the CPU time per call on this project's CPU machine
+  (bench/results/fast_path_variants_cpu.md; not yet measured on a GPU), so it is not kept.
 
 A fast path that fails to compile, or whose first result for a new shape disagrees with the
 reference, is abandoned for the eager one with a warning: a torch version without the features it
@@ -82,7 +83,7 @@ class Student:
 
     @classmethod
     def of(cls, model: torch.nn.Module, dsa: DSA | None, dtype: torch.dtype,
-           device: torch.device | str, *, compile: str = "off", cuda_graphs: bool = True,
+           device: torch.device | str, *, compile: str | bool = "off", cuda_graphs: bool = True,
            groups_per_call: int | None = None) -> Student:
         """``compile``: off = the eager reference; on = the fast path (falls back to eager with a
         warning where it cannot run); auto = on for CUDA, off on CPU (see :func:`use_fast_path`)."""
@@ -107,11 +108,19 @@ class Student:
         return F.cross_entropy(out, y, reduction="sum") / batch
 
 
-def use_fast_path(choice: str, model: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
-    """Whether the compiled path runs, and why (one log line)."""
+def compile_choice(value: str | bool) -> str:
+    """``distill.compile`` as one of COMPILE_CHOICES: YAML 1.1 reads a bare on/off as a boolean."""
+    choice = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"distill.compile must be one of {', '.join(COMPILE_CHOICES)}; "
-                         f"got {choice!r}")
+                         f"got {value!r}")
+    return choice
+
+
+def use_fast_path(choice: str | bool, model: torch.nn.Module,
+                  device: torch.device) -> tuple[bool, str]:
+    """Whether the compiled path runs, and why (one log line)."""
+    choice = compile_choice(choice)
     if choice == "off":
         return False, "distill.compile: off"
     if functional_convnet(model) is None:

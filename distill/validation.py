@@ -44,7 +44,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     from distill import models as models_mod
     from distill.scores import SCORE_KINDS
     from distill.selection import INITS as SELECT_INITS
-    from distill.student import COMPILE_CHOICES, PRECISIONS
+    from distill.student import PRECISIONS, compile_choice
 
     problems: list[str] = []
     info = None
@@ -112,7 +112,10 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _range(problems, "distill.check_every", d.check_every, 1)
     _choice(problems, "distill.mode", d.mode, DISTILL_MODES)
     _choice(problems, "distill.augment", d.augment, DISTILL_AUGMENTS)
-    _choice(problems, "distill.compile", d.compile, COMPILE_CHOICES)
+    try:
+        compile_choice(d.compile)
+    except ValueError as err:
+        problems.append(str(err))
     _choice(problems, "distill.precision", d.precision, PRECISIONS)
     _range(problems, "distill.groups_per_call", d.groups_per_call, 1)
     if d.max_start_epoch + d.expert_epochs > ex.epochs:
