@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU work of one device session, prepared so that it runs in one call per part.
 #
-#   bash bench/gpu_checks.sh matching   # matching step at the CIFAR-10 IPC 250 shape, |b| 1000 x N 55,
-#                                       # |b| 5000 x N 80 (replay) and the full unroll where it fits
+#   bash bench/gpu_checks.sh matching   # issue 10: eager / fast replay and the full unroll at the CIFAR-10
+#                                       # IPC 250 shape (TF32 on, off), the fast path at |b| 1000 x N 55 and
+#                                       # 5000 x 80, and the real distillation loop's s/iteration
+#   SMOKE=1 bash bench/gpu_checks.sh matching   # the same on tiny shapes (checks the script on a CPU)
 #   bash bench/gpu_checks.sh fmnist     # shortened Fashion-MNIST 5% pipeline: random, window, MTT, SelMatch
 #   SMOKE=1 bash bench/gpu_checks.sh fmnist   # the same on a tiny subset (checks the script on a CPU)
 #
@@ -28,7 +30,20 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and
 
 case "${1:-}" in
   matching)
-    python3 bench/matching.py --preset gpu-cifar10 --out "$OUT/matching_gpu" 2>&1 | tee "$OUT/matching.log"
+    # issue 10, about 5 min of device time: eager replay, fast replay and the full unroll at
+    # 125 x 55 with TF32 on and off (grad err vs float64, host syncs), the fast path at
+    # 1000 x 55 and 5000 x 80 (g 5000 and g 500), then the real loop on CIFAR-shaped data.
+    budget="${BUDGET:-200}"
+    bench=(--preset gpu-cifar10)
+    ds=()
+    if [ "${SMOKE:-0}" = 1 ]; then  # the same path on a CPU, tiny shapes
+      bench=(--preset none --configs fast:8x2 replay:8x2 unrolled:8x2 --width 8 --image-size 8 --n-images 64 --iters 1 --threads 1)
+      ds=(--smoke --distill.compile on)
+    fi
+    python3 bench/matching.py "${bench[@]}" --budget "$budget" --out "$OUT/matching_gpu" 2>&1 \
+      | grep -v -i "warn" | tee "$OUT/matching.log"
+    python3 bench/distill_speed.py --iterations 20 --skip 5 --bench "$OUT/matching_gpu.json" \
+      --out "$OUT/distill_speed_gpu" "${ds[@]}" 2>&1 | tail -40 | tee "$OUT/distill_speed.log"
     ;;
   fmnist)
     run_dir=/tmp/selmatch_fmnist

@@ -1,22 +1,35 @@
-"""One matching step, replay vs full unroll: seconds per iteration and peak memory.
+"""The matching step: eager replay, compiled (fast) replay and the full unroll; s/iter, peak
+memory and the image-gradient error against float64.
 
     python bench/matching.py                         # CPU: --preset cpu (a few minutes on 2 cores)
-    python bench/matching.py --preset gpu-cifar10    # one GPU: the DESIGN.md §4 anchors
-    python bench/matching.py --device cuda           # one GPU: CIFAR-10 IPC 250 shape, full grid
+    python bench/matching.py --preset cpu-fast       # CPU: fast vs eager replay, |b| 32, N 10, width 64
+    python bench/matching.py --preset gpu-cifar10 --budget 300   # one GPU: issue 10's rows
     python bench/matching.py --preset cpu --batch 16 --steps 2 4 --iters 1   # smoke run
+
+Methods: ``replay`` = the eager reference replay (``distill.compile: off``), ``fast`` = the
+compiled replay (``distill.compile: on``: torch.compile of the functional ConvNet's torch.func
+steps, CUDA graphs on CUDA), ``unrolled`` = ``match_unrolled``, the reference algorithm (one graph
+through all N steps, what the MTT/SelMatch code does). The ``path`` column says what actually ran:
+a fast row whose compilation failed is marked, never silently timed as eager.
 
 The problem is a ConvNet-BN student (``--width --depth``) on ``--n-images`` random-normal
 images of ``--channels`` × ``--image-size``² with labels ``i % --classes``. The start parameters
 are PyTorch's default initialisation (flattened with ParamLayout) and the target is the start plus
-N(0, 0.01²) noise: the values do not matter for timing, only the shapes do. Iteration i uses
-``make_plan(seed, iteration=i)`` (batches and DSA parameters), built outside the timed region and
-moved to the device; the same seed gives replay and unroll identical inputs, so their losses and
-gradients are compared as a sanity check (printed under the table).
+N(0, 0.01²) noise. Iteration i uses ``make_plan(seed, iteration=i)`` (batches and DSA
+parameters), built outside the timed region and moved to the device in one copy; the same seed
+gives every method identical inputs, so their losses and gradients are compared (printed under
+the table). ``grad err`` is the median over the timed iterations of the image gradient's relative
+error against the eager replay of the same plan in float64 (``--reference``; rows with |b|·N above
+``--reference-max-work`` skip it).
 
-Configurations are the product ``--methods × --batch × --steps`` (|b| and N), or an explicit
-``--configs replay:125x55 unrolled:500x55``. A configuration whose |b| exceeds ``--n-images``
-uses a set of |b| images (DESIGN's 5000 × 80 is CIFAR-10 IPC 500). Explicit flags override the
-preset's values.
+Configurations are the product ``--methods × --batch × --steps × --precision``, or an explicit
+list ``--configs replay:125x55 fast:5000x80:g500@fp32`` (``:gG`` sets the BN group, ``@P`` the
+precision). A configuration whose |b| exceeds ``--n-images`` uses a set of |b| images. Explicit
+flags override the preset's values.
+
+Precision (CUDA): ``tf32`` = cuDNN TF32 convolutions, PyTorch's default and what the reference
+code ran with; ``fp32`` = strict. ``cudnn.benchmark`` is on for both (as in the reference). A
+comparison with the reference is fair only at the same precision. On CPU every row is fp32.
 
 Memory. CUDA: all configurations in one process; ``max_memory_allocated`` after
 ``reset_peak_memory_stats`` (peak), and the same minus what was allocated right before the first
@@ -27,12 +40,12 @@ step. Out-of-memory is recorded as OOM, not raised. On CPU, unrolled configurati
 extrapolated per image-step from the unrolled runs already measured, would exceed
 ``--max-rss-gib`` (or whose |b|·N exceeds ``--skip-unrolled-above``) are recorded as skipped.
 
-TF32: off unless ``--tf32``. Note that PyTorch's own default has cuDNN TF32 *on* for convolutions;
-without ``--tf32`` this script turns it off, so convolutions run in strict fp32.
-
-Timing: wall seconds per step (mean ± sd) and the process's CPU seconds per step; on a shared CPU
-machine the latter is the steadier figure. The cpu preset runs one torch thread (``--threads``):
-two OpenMP threads on two cores slowed about 20x whenever another process took a core.
+Timing: wall seconds per step (mean ± sd) after ``--warmup`` iterations (``first s``: the first
+iteration, which includes compilation for ``fast``), and the process's CPU seconds per step; on a
+shared CPU machine the latter is the steadier figure. The cpu presets run one torch thread
+(``--threads``): two OpenMP threads on two cores slowed about 20x whenever another process took a
+core. ``--budget S``: no configuration starts after S seconds (recorded as skipped), so a GPU
+session ends in time; the results are written after every row.
 
 Writes ``--out`` (default bench/results/matching_<cpu|gpu name>) .json (records, command, machine,
 torch version, date) and .md (the table under a line naming the machine and the command).
@@ -41,12 +54,10 @@ torch version, date) and .md (the table under a line naming the machine and the 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
 import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -55,203 +66,44 @@ from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:  # run as `python bench/matching.py` without an installed package
-    sys.path.insert(0, ROOT)
+for path in (ROOT, HERE):  # run as `python bench/matching.py` without an installed package
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 import torch  # noqa: E402
 
-from distill.augment import DSA  # noqa: E402
-from distill.matching import (MatchPlan, StepPlan, Student, make_plan, match_replay,  # noqa: E402
-                              match_unrolled)
-from distill.models import ParamLayout, build_model  # noqa: E402
+from matching_probe import GIB, METHODS, measure  # noqa: E402
 
-METHODS = {"replay": match_replay, "unrolled": match_unrolled}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
-GIB = 2.0 ** 30
 RESULT_MARK = "@@matching-result@@"
+PRECISIONS = ("tf32", "fp32")
 
 # Values used when neither a flag nor the preset gives one: the CIFAR-10 IPC 250 shape.
 BASE = {"width": 128, "depth": 3, "image_size": 32, "channels": 3, "classes": 10,
         "n_images": 2500, "batch": [125, 500, 1000], "steps": [10, 20, 55],
-        "methods": ["replay", "unrolled"], "configs": None, "iters": 3, "warmup": 1,
-        "dtype": "float32", "dsa": True, "group": None, "tf32": False, "seed": 0,
-        "threads": None}
+        "methods": ["replay", "fast", "unrolled"], "configs": None, "iters": 3, "warmup": 1,
+        "dtype": "float32", "dsa": True, "group": None, "precision": None, "seed": 0,
+        "threads": None, "reference": "eager", "reference_max_work": 125 * 55,
+        "groups_per_call": None, "cuda_graphs": True}
 PRESETS = {
     # 2 CPU cores, a few minutes: replay's memory flat in N, unroll's growing with |b|·N
     # One torch thread: on a shared 2-core box, 2 OpenMP threads slowed 20x when other
     # processes took a core (threads spin at barriers waiting for a descheduled partner).
     "cpu": {"width": 32, "image_size": 16, "n_images": 500, "batch": [32, 64],
-            "steps": [5, 10, 20, 40], "iters": 2, "warmup": 1, "threads": 1},
-    # DESIGN.md §4 anchors; the reference unroll OOMs at |b| >= 1000 on a 141 GiB H200
-    "gpu-cifar10": {"configs": ["replay:125x55", "replay:500x55", "replay:1000x55",
-                                "replay:5000x80", "unrolled:125x55", "unrolled:500x55"]},
+            "steps": [5, 10, 20, 40], "methods": ["replay", "unrolled"], "iters": 2,
+            "warmup": 1, "threads": 1, "reference": None},
+    # issue 10's CPU check: fast vs eager replay at a CIFAR shape small enough for minutes
+    "cpu-fast": {"width": 64, "n_images": 500, "batch": [32], "steps": [10],
+                 "methods": ["replay", "fast", "unrolled"], "iters": 5, "warmup": 1,
+                 "threads": 1},
+    # issue 10's GPU rows: DESIGN.md §4's shape at both precisions, then the fast path at sizes
+    # the reference unroll cannot hold (it OOMs at |b| >= 1000 on a 141 GiB H200)
+    "gpu-cifar10": {"configs": [f"{m}:125x55@{p}" for p in PRECISIONS
+                                for m in ("fast", "replay", "unrolled")]
+                    + ["fast:1000x55@tf32", "fast:5000x80:g500@tf32", "fast:5000x80@tf32"],
+                    "iters": 3, "warmup": 1},
     "none": {},
 }
-GRID_KEYS = ("batch", "steps", "methods")
-
-
-# --------------------------------------------------------------------------------------------
-# Memory probes
-# --------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def current_rss() -> int:
-    """Resident bytes now (0 where /proc is missing)."""
-    kib = _status_kib("VmRSS")
-    return 0 if kib is None else kib * 1024
-
-
-def lifetime_peak_rss() -> int:
-    """ru_maxrss in bytes (KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0: write 5 to clear_refs); False if refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") is not None
-
-
-def peak_rss_since_reset() -> int:
-    kib = _status_kib("VmHWM")
-    return lifetime_peak_rss() if kib is None else kib * 1024
-
-
-def is_oom(err: BaseException) -> bool:
-    if isinstance(err, MemoryError):
-        return True
-    msg = str(err).lower()
-    return "out of memory" in msg or "can't allocate memory" in msg
-
-
-# --------------------------------------------------------------------------------------------
-# One configuration, in this process
-# --------------------------------------------------------------------------------------------
-
-
-def build_problem(spec: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Student, start/target θ, images, labels and lr; deterministic in spec['seed']."""
-    torch.manual_seed(spec["seed"])
-    model = build_model("convnet", in_channels=spec["channels"], num_classes=spec["classes"],
-                        image_size=spec["image_size"], width=spec["width"], depth=spec["depth"],
-                        norm="batch")
-    start = ParamLayout.of(model).flatten(model).detach().to(device, dtype)
-    gen = torch.Generator().manual_seed(spec["seed"] + 1)
-    noise = 0.01 * torch.randn(start.shape, generator=gen, dtype=torch.float64)
-    target = start + noise.to(device, dtype)
-    n, size = spec["n_images"], spec["image_size"]
-    images = torch.randn(n, spec["channels"], size, size, generator=gen,
-                         dtype=torch.float64).to(device, dtype)
-    labels = torch.arange(n, device=device) % spec["classes"]
-    probe = torch.randn(images.numel(), generator=gen, dtype=torch.float64).to(device, dtype)
-    dsa = DSA() if spec["dsa"] else None
-    student = Student.of(model.to(device), dsa, dtype, device)
-    lr = torch.tensor(0.01, device=device, dtype=dtype)
-    return {"student": student, "start": start, "target": target, "images": images,
-            "labels": labels, "lr": lr, "probe": probe}
-
-
-def plan_for(spec: dict, iteration: int, dsa: DSA | None, device: torch.device) -> MatchPlan:
-    plan = make_plan(spec["n_images"], batch=spec["batch"], steps=spec["steps"],
-                     group=spec["group"], image_size=(spec["image_size"],) * 2, dsa=dsa,
-                     seed=spec["seed"], iteration=iteration)
-    return MatchPlan(tuple(StepPlan(s.index.to(device), None if s.aug is None else s.aug.to(device))
-                           for s in plan.steps), plan.group)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_steps(spec: dict, p: dict, device: torch.device, mem: dict) -> dict:
-    fn = METHODS[spec["method"]]
-    times, cpu_times, plan_s, checks = [], [], [], []
-    for i in range(spec["warmup"] + spec["iters"]):
-        t0 = time.perf_counter()
-        plan = plan_for(spec, i, p["student"].dsa, device)
-        plan_s.append(time.perf_counter() - t0)
-        if i == 0:  # the baseline: everything but the step's own allocations
-            _sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                mem["before"] = torch.cuda.memory_allocated(device)
-            else:
-                mem["before"] = current_rss()
-                mem["rss_probe"] = "VmHWM reset" if reset_peak_rss() else "ru_maxrss (lifetime)"
-        _sync(device)
-        c0, t0 = time.process_time(), time.perf_counter()
-        res = fn(p["student"], p["start"], p["target"], p["images"], p["labels"], p["lr"], plan)
-        _sync(device)
-        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        if i >= spec["warmup"]:
-            times.append(seconds)
-            cpu_times.append(cpu_seconds)
-        gi = res.grad_images.reshape(-1).double()
-        checks.append({"loss": float(res.loss), "grad_lr": float(res.grad_lr),
-                       "grad_images_norm": float(gi.norm()),
-                       "grad_images_probe": float(gi @ p["probe"].double())})
-        del res, gi, plan
-    mean = sum(times) / len(times)
-    sd = (sum((t - mean) ** 2 for t in times) / max(len(times) - 1, 1)) ** 0.5
-    return {"s_per_iter": mean, "s_std": sd, "times": times,
-            "cpu_s_per_iter": sum(cpu_times) / len(cpu_times),
-            "plan_s": sum(plan_s) / len(plan_s), "checks": checks,
-            "image_steps_per_s": spec["batch"] * spec["steps"] / mean}
-
-
-def measure(spec: dict) -> dict:
-    """Time and memory of one configuration in this process; OOM becomes a record."""
-    device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = spec["tf32"]
-        torch.backends.cudnn.allow_tf32 = spec["tf32"]
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)  # an OOM while building reads this config's peak
-    record = {**spec, "status": "ok"}
-    mem: dict = {}
-    try:
-        problem = build_problem(spec, device, dtype)
-        record.update(_timed_steps(spec, problem, device, mem))
-    except (RuntimeError, MemoryError) as err:
-        if not is_oom(err):
-            raise
-        record.update(status="OOM", error=str(err).splitlines()[0][:300])
-    problem = None  # noqa: F841 (drop the tensors before reading the allocator)
-    gc.collect()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        record["reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
-        torch.cuda.empty_cache()
-    else:
-        peak = peak_rss_since_reset()
-        record["rss_probe"] = mem.get("rss_probe")
-        record["lifetime_peak_rss_gib"] = lifetime_peak_rss() / GIB
-    record["peak_gib"] = peak / GIB
-    if "before" in mem:
-        record["before_gib"] = mem["before"] / GIB
-        record["delta_gib"] = (peak - mem["before"]) / GIB
-    return record
+GRID_KEYS = ("batch", "steps", "methods", "precision")
 
 
 def measure_isolated(spec: dict) -> dict:
@@ -273,32 +125,46 @@ def measure_isolated(spec: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_configs(entries: list[str]) -> list[tuple[str, int, int]]:
+def parse_configs(entries: list[str]) -> list[tuple[str, int, int, int | None, str | None]]:
+    """``METHOD:BxN[:gG][@PRECISION]`` -> (method, |b|, N, g or None, precision or None)."""
     out = []
     for e in entries:
-        m = re.fullmatch(r"(\w+):(\d+)x(\d+)", e)
-        if not m or m.group(1) not in METHODS:
-            raise ValueError(f"--configs entry {e!r} must be METHOD:BATCHxSTEPS with METHOD in "
-                             f"{', '.join(METHODS)}, e.g. replay:125x55")
-        out.append((m.group(1), int(m.group(2)), int(m.group(3))))
+        m = re.fullmatch(r"(\w+):(\d+)x(\d+)(?::g(\d+))?(?:@(\w+))?", e)
+        if not m or m.group(1) not in METHODS or (m.group(5) and m.group(5) not in PRECISIONS):
+            raise ValueError(f"--configs entry {e!r} must be METHOD:BATCHxSTEPS[:gGROUP]"
+                             f"[@PRECISION] with METHOD in {', '.join(METHODS)} and PRECISION in "
+                             f"{', '.join(PRECISIONS)}, e.g. fast:5000x80:g500@tf32")
+        out.append((m.group(1), int(m.group(2)), int(m.group(3)),
+                    int(m.group(4)) if m.group(4) else None, m.group(5)))
     return out
 
 
 def config_specs(s: dict, device: torch.device) -> list[dict]:
+    precisions = s["precision"] or (list(PRECISIONS) if device.type == "cuda" else ["fp32"])
     if s["configs"]:
-        triples = parse_configs(s["configs"])
+        rows = [(m, b, n, g, p) for m, b, n, g, pin in parse_configs(s["configs"])
+                for p in ([pin] if pin else precisions)]
     else:
         bad = [m for m in s["methods"] if m not in METHODS]
         if bad:
             raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
-        triples = [(m, b, n) for m in s["methods"] for b in s["batch"] for n in s["steps"]]
-    order = {m: i for i, m in enumerate(METHODS)}
-    triples = sorted(set(triples), key=lambda t: (order[t[0]], t[1] * t[2], t[1]))
+        rows = [(m, b, n, None, p) for p in precisions for b in s["batch"] for n in s["steps"]
+                for m in s["methods"]]
+        order = {m: i for i, m in enumerate(METHODS)}
+        rows.sort(key=lambda t: (precisions.index(t[4]), t[1] * t[2], t[1], order[t[0]]))
+    if device.type != "cuda" and any(p == "tf32" for *_, p in rows):
+        raise ValueError("tf32 rows need CUDA: on CPU every convolution is fp32")
     shape = {k: s[k] for k in ("width", "depth", "image_size", "channels", "classes", "iters",
-                                "warmup", "dtype", "dsa", "tf32", "seed", "threads")}
-    return [{**shape, "method": m, "batch": b, "steps": n, "device": str(device),
-             "group": min(s["group"] or b, b), "n_images": max(s["n_images"], b)}
-            for m, b, n in triples]
+                                "warmup", "dtype", "dsa", "seed", "threads", "groups_per_call",
+                                "cuda_graphs")}
+    specs = []
+    for m, b, n, g, p in dict.fromkeys(rows):
+        work = b * n
+        ref = s["reference"] if s["reference"] and work <= s["reference_max_work"] else None
+        specs.append({**shape, "method": m, "batch": b, "steps": n, "device": str(device),
+                      "group": min(g or s["group"] or b, b), "n_images": max(s["n_images"], b),
+                      "precision": p, "reference": ref})
+    return specs
 
 
 def unrolled_guard(spec: dict, done: list[dict], s: dict) -> str | None:
@@ -329,11 +195,16 @@ def _extrapolate(points: list[tuple[int, float]], work: int) -> float:
     return max(my + slope * (work - mx), max(d for _, d in points))
 
 
-def run_grid(specs: list[dict], s: dict, isolate: bool) -> list[dict]:
-    done = []
+def run_grid(specs: list[dict], s: dict, isolate: bool, save) -> list[dict]:
+    """Measure each spec (skipping what the guards or the budget rule out); ``save(records)``
+    after every row, so an interrupted GPU session keeps what it measured."""
+    done, t0 = [], time.monotonic()
     for spec in specs:
         why = unrolled_guard(spec, done, s) if (spec["method"] == "unrolled" and
                                                  spec["device"] == "cpu") else None
+        elapsed = time.monotonic() - t0
+        if s.get("budget") and elapsed > s["budget"]:
+            why = f"--budget {s['budget']:g} s spent ({elapsed:.0f} s)"
         if why:
             rec = {**spec, "status": "skipped", "error": why}
         else:
@@ -342,6 +213,7 @@ def run_grid(specs: list[dict], s: dict, isolate: bool) -> list[dict]:
             rec["load_1min"] = load_1min
         done.append(rec)
         print(row_text(rec), flush=True)
+        save(done)
     return done
 
 
@@ -349,51 +221,76 @@ def run_grid(specs: list[dict], s: dict, isolate: bool) -> list[dict]:
 # Output
 # --------------------------------------------------------------------------------------------
 
-COLUMNS = ("method", "|b|", "N", "g", "n", "s/iter", "CPU s/iter", "peak GiB", "Δ GiB",
-           "image-steps/s")
+COLUMNS = ("method", "path", "prec", "|b|", "N", "g", "n", "s/iter", "first s", "CPU s/iter",
+           "peak GiB", "Δ GiB", "image-steps/s", "grad err", "host syncs")
 
 
 def _cells(r: dict) -> list[str]:
     ok = r["status"] == "ok"
-    cells = [r["method"], str(r["batch"]), str(r["steps"]), str(r["group"]), str(r["n_images"]),
-             f"{r['s_per_iter']:.3f} ± {r['s_std']:.3f}" if ok else r["status"],
-             f"{r['cpu_s_per_iter']:.3f}" if ok else "",
-             f"{r['peak_gib']:.3f}" if "peak_gib" in r else "",
-             f"{r['delta_gib']:.3f}" if "delta_gib" in r else "",
-             f"{r['image_steps_per_s']:.0f}" if ok else ""]
-    return cells
+    path = r.get("path", "")
+    if r.get("fallback"):
+        path = f"FELL BACK TO EAGER: {r['fallback'][:80]}"
+    return [r["method"], path, r.get("precision", ""), str(r["batch"]), str(r["steps"]),
+            str(r["group"]), str(r["n_images"]),
+            f"{r['s_per_iter']:.3f} ± {r['s_std']:.3f}" if ok else r["status"],
+            f"{r['first_s']:.1f}" if ok else "",
+            f"{r['cpu_s_per_iter']:.3f}" if ok else "",
+            f"{r['peak_gib']:.3f}" if "peak_gib" in r else "",
+            f"{r['delta_gib']:.3f}" if "delta_gib" in r else "",
+            f"{r['image_steps_per_s']:.0f}" if ok else "",
+            f"{r['grad_err']:.1e}" if r.get("grad_err") is not None else "",
+            str(r["host_syncs"]) if r.get("host_syncs") is not None else ""]
 
 
 def row_text(r: dict) -> str:
-    note = f"  [{r['error']}]" if r.get("error") else ""
-    return "  ".join(f"{c:>14}" if i > 4 else f"{c:>8}" for i, c in enumerate(_cells(r))) + note
+    note = " ".join(x for x in (r.get("error"), r.get("note")) if x)
+    return "  ".join(f"{c:>8}" for c in _cells(r)) + (f"  [{note}]" if note else "")
 
 
 def table(records: list[dict]) -> str:
     lines = ["| " + " | ".join(c.replace("|", "\\|") for c in COLUMNS) + " | note |",
              "|" + " --- |" * (len(COLUMNS) + 1)]
     for r in records:
-        note = r.get("error", "").replace("|", "\\|")
+        note = " ".join(x for x in (r.get("error"), r.get("note")) if x).replace("|", "\\|")
         lines.append("| " + " | ".join(_cells(r)) + f" | {note} |")
     return "\n".join(lines)
 
 
-def agreement(records: list[dict]) -> str | None:
-    """Max relative difference replay vs unrolled over configs both ran (same plans and inputs)."""
-    ok = {(r["method"], r["batch"], r["steps"]): r for r in records if r["status"] == "ok"}
-    worst = {}
-    for (m, b, n), r in ok.items():
-        u = ok.get(("unrolled", b, n))
-        if m != "replay" or u is None:
+def speedups(records: list[dict]) -> list[str]:
+    """fast vs eager replay and fast vs unrolled, per shape and precision."""
+    ok = {(r["method"], r["batch"], r["steps"], r["group"], r.get("precision")): r
+          for r in records if r["status"] == "ok"}
+    lines = []
+    for (m, b, n, g, p), r in ok.items():
+        if m != "fast" or r.get("fallback"):
             continue
-        for cr, cu in zip(r["checks"], u["checks"]):
+        for other in ("replay", "unrolled"):
+            o = ok.get((other, b, n, g, p))
+            if o:
+                lines.append(f"{b}x{n} g{g} {p}: fast {o['s_per_iter'] / r['s_per_iter']:.2f}x "
+                             f"faster than {'eager replay' if other == 'replay' else other} "
+                             f"({r['s_per_iter']:.3f} vs {o['s_per_iter']:.3f} s/iter)")
+    return lines
+
+
+def agreement(records: list[dict]) -> str | None:
+    """Max relative difference of each method against the eager replay over configs both ran
+    (same plans and inputs)."""
+    ok = {(r["method"], r["batch"], r["steps"], r["group"], r.get("precision")): r
+          for r in records if r["status"] == "ok"}
+    worst: dict[str, dict[str, float]] = {}
+    for (m, b, n, g, p), r in ok.items():
+        ref = ok.get(("replay", b, n, g, p))
+        if m == "replay" or ref is None:
+            continue
+        for cr, cu in zip(r["checks"], ref["checks"]):
             for k, v in cr.items():
                 rel = abs(v - cu[k]) / max(abs(v), abs(cu[k]), 1e-30)
-                worst[k] = max(worst.get(k, 0.0), rel)
+                worst.setdefault(m, {})[k] = max(worst.get(m, {}).get(k, 0.0), rel)
     if not worst:
         return None
-    return ("replay vs unrolled, same plans: max relative difference " +
-            ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    return "; ".join(f"{m} vs eager replay, same plans: max relative difference " +
+                     ", ".join(f"{k} {v:.1e}" for k, v in w.items()) for m, w in worst.items())
 
 
 def machine(device: torch.device, threads: int | None = None) -> str:
@@ -425,27 +322,38 @@ def write_results(out: str, records: list[dict], s: dict, device: torch.device,
     doc = {"command": command, "machine": machine(device, s["threads"]), "torch": torch.__version__,
            "python": platform.python_version(), "date": when.isoformat(timespec="seconds"),
            "load_average": load, "settings": s, "agreement": agreement(records),
-           "records": records}
+           "speedups": speedups(records), "records": records}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(doc, f, indent=1)
+    for ext, text in ((".json", json.dumps(doc, indent=1)), (".md", _markdown(doc, s, device))):
+        tmp = out + ext + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, out + ext)
+
+
+def _markdown(doc: dict, s: dict, device: torch.device) -> str:
     mem = ("peak = max_memory_allocated; Δ = peak − allocated before the first step"
            if device.type == "cuda" else
            "peak = peak RSS during the steps (fresh process per row); Δ = peak − RSS before the "
            "first step")
     shape = (f"ConvNet-BN width {s['width']} depth {s['depth']}, {s['image_size']}×"
              f"{s['image_size']}×{s['channels']}, {s['classes']} classes, {s['dtype']}, "
-             f"DSA {'on' if s['dsa'] else 'off'}, TF32 {'on' if s['tf32'] else 'off'}, "
-             f"{s['warmup']} warm-up + {s['iters']} timed iterations")
-    with open(out + ".md", "w") as f:
-        f.write(f"# Matching step, replay vs unroll: {doc['machine']}, torch {doc['torch']}, "
-                f"{when:%Y-%m-%d %H:%M} UTC\n\n`{command}`\n\n{shape}. {mem}; s/iter is wall "
-                f"time, mean ± sd; CPU s/iter is the process's CPU time (all threads); "
-                f"n = synthetic set size; g = BN group. Load average (1, 5, 15 min) at "
-                f"start {load['start']}, at end {load['end']}.\n\n{table(records)}\n")
-        if doc["agreement"]:
-            f.write(f"\n{doc['agreement']}.\n")
-    print(f"wrote {out}.json and {out}.md")
+             f"DSA {'on' if s['dsa'] else 'off'}, {s['warmup']} warm-up + {s['iters']} timed "
+             f"iterations")
+    text = (f"# Matching step: {doc['machine']}, torch {doc['torch']}, {doc['date']}\n\n"
+            f"`{doc['command']}`\n\n{shape}. {mem}; s/iter is wall time, mean ± sd; first s = the "
+            f"first iteration (with compilation for fast); CPU s/iter is the process's CPU time "
+            f"(all threads); n = synthetic set size; g = BN group; prec = convolution precision; "
+            f"grad err = median relative error of the image gradient against a float64 eager "
+            f"replay of the same plans (the problem is ill-conditioned: float32 itself is at "
+            f"1e-3 to 1e-2 here, whichever path runs); host syncs = CUDA host waits during one matching call (torch's "
+            f"sync debug mode; 1 is the loss's start distance read once per iteration). Load average (1, 5, 15 min) at start {doc['load_average']['start']}"
+            f", at end {doc['load_average'].get('end')}.\n\n{table(doc['records'])}\n")
+    if doc["speedups"]:
+        text += "\n" + "\n".join(f"- {line}" for line in doc["speedups"]) + "\n"
+    if doc["agreement"]:
+        text += f"\n{doc['agreement']}.\n"
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,23 +369,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: cpu on CPU, none (the CIFAR-10 IPC 250 grid) on CUDA")
     for name, kind in (("width", int), ("depth", int), ("image-size", int), ("channels", int),
                        ("classes", int), ("n-images", int), ("iters", int), ("warmup", int),
-                       ("group", int), ("seed", int)):
+                       ("group", int), ("seed", int), ("groups-per-call", int),
+                       ("reference-max-work", int)):
         p.add_argument(f"--{name}", type=kind, default=None)
     p.add_argument("--batch", type=int, nargs="+", default=None, help="|b| values")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="N values")
     p.add_argument("--methods", nargs="+", default=None, choices=tuple(METHODS))
-    p.add_argument("--configs", nargs="+", default=None, help="METHOD:BxN entries (no grid)")
-    p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
+    p.add_argument("--precision", nargs="+", default=None, choices=PRECISIONS,
+                   help="convolution precision of every row (default: both on CUDA, fp32 on CPU)")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="METHOD:BxN[:gG][@PRECISION] entries (no grid)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float64", "bfloat16", "float16"))
     p.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast rows on CUDA: replay steps as CUDA graphs (default on)")
+    p.add_argument("--reference", choices=("eager", "none"), default=None,
+                   help="float64 reference for the grad err column (default eager, except the "
+                        "cpu preset)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; the cpu preset uses 1)")
+                   help="torch CPU threads (default: torch's; the cpu presets use 1)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one subprocess per config (default: on CPU only)")
     p.add_argument("--max-rss-gib", type=float, default=None,
                    help="CPU: skip unrolled configs predicted above this (default 80%% of "
                         "MemAvailable)")
     p.add_argument("--skip-unrolled-above", type=int, default=None, help="CPU: max |b|·N")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds: configurations not started by then are recorded as skipped")
     p.add_argument("--out", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -487,13 +405,15 @@ def resolve(args: argparse.Namespace, device: torch.device) -> dict:
     preset = args.preset if args.preset != "auto" else ("cpu" if device.type == "cpu" else "none")
     values = {**BASE, **PRESETS[preset]}
     explicit = {k: v for k, v in vars(args).items() if v is not None and k in values}
-    if args.configs and any(k in explicit for k in GRID_KEYS):
+    if args.configs and any(k in explicit for k in GRID_KEYS if k != "precision"):
         raise ValueError("give either --configs or --batch/--steps/--methods, not both")
-    if any(k in explicit for k in GRID_KEYS):
+    if any(k in explicit for k in GRID_KEYS if k != "precision"):
         values["configs"] = None  # explicit grid flags replace the preset's configuration list
     values.update(explicit)
+    if values["reference"] == "none":
+        values["reference"] = None
     values.update(preset=preset, skip_unrolled_above=args.skip_unrolled_above,
-                  max_rss_gib=args.max_rss_gib)
+                  max_rss_gib=args.max_rss_gib, budget=args.budget)
     if device.type == "cpu" and values["max_rss_gib"] is None:
         available = _meminfo_kib("MemAvailable")
         values["max_rss_gib"] = None if available is None else 0.8 * available * 1024 / GIB
@@ -522,22 +442,24 @@ def main(argv: list[str] | None = None) -> None:
     isolate = device.type == "cpu" if args.isolate is None else args.isolate
     slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "_",
                                                      torch.cuda.get_device_name(device).lower())
-    out = args.out or os.path.join(HERE, "results", f"matching_{slug.strip('_')}")
+    preset = "" if s["preset"] in ("cpu", "none") else "_" + s["preset"].replace("-", "_")
+    out = args.out or os.path.join(HERE, "results", f"matching_{slug.strip('_')}{preset}")
     print(f"{machine(device, s['threads'])}; torch {torch.__version__}; preset {s['preset']}; "
           f"{len(specs)} configs{' (one subprocess each)' if isolate else ''}", flush=True)
-    print("  ".join(f"{c:>14}" if i > 4 else f"{c:>8}" for i, c in enumerate(COLUMNS)))
+    print("  ".join(f"{c:>8}" for c in COLUMNS))
     load = {"start": load_average()}
     if device.type == "cpu" and load["start"] and load["start"][0] > 0.5:
         print(f"note: load average {load['start']} on {os.cpu_count()} cores: other processes "
               f"are running, CPU timings will be noisy", flush=True)
-    records = run_grid(specs, s, isolate)
+    records = run_grid(specs, s, isolate, lambda done: write_results(out, done, s, device, load))
     load["end"] = load_average()
+    write_results(out, records, s, device, load)
     print()
     print(table(records))
-    line = agreement(records)
-    if line:
-        print(line)
-    write_results(out, records, s, device, load)
+    for line in speedups(records) + [agreement(records) or ""]:
+        if line:
+            print(line)
+    print(f"wrote {out}.json and {out}.md")
     if any(r["status"] == "error" for r in records):
         raise SystemExit("some configurations failed; see the error column")
 
