@@ -112,6 +112,11 @@ class DSAParams:
         """Rows [start:stop]: the part of a global batch one rank or BN group applies."""
         return DSAParams(self.family, {k: v[start:stop] for k, v in self.values.items()})
 
+    def take(self, rows: Tensor) -> DSAParams:
+        """The rows at positions ``rows`` (a long tensor on the values' device): the share of a
+        batch a rank applies when BN groups are split across ranks."""
+        return DSAParams(self.family, {k: v.index_select(0, rows) for k, v in self.values.items()})
+
     def state_dict(self) -> dict[str, Any]:
         """Plain dict (family name + CPU tensors) for checkpoints and logs."""
         return {"family": self.family,

@@ -162,6 +162,11 @@ class DistillConfig:
     cuda_graphs: bool = True
     """With the compiled path on CUDA, replay each step as a CUDA graph (torch.compile's
     reduce-overhead mode); false = compiled kernels launched one by one."""
+    group_ranks: int = 1
+    """Ranks that share every BN group: each holds g / group_ranks rows of each group and batch
+    norm sums its statistics over them (docs/distributed.md §1). Teams of this many consecutive
+    ranks divide the groups among themselves, so R ranks run R / group_ranks groups at once.
+    Must divide the number of ranks and g; the result does not depend on it."""
     groups_per_call: int | None = None
     """Compiled path: BN groups a rank pushes through one call; None = all of its groups in a
     step. Memory grows with the rows per call; the result does not depend on it."""

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _SAMPLE = 41  # generator stream tag for (expert, start epoch)
 # may change on --resume: how far to go, how often to save or log, and how the (same) math runs
 _NOT_HASHED = ("iterations", "checkpoint_every", "log_every", "check_every", "compile",
-               "cuda_graphs", "groups_per_call")
+               "cuda_graphs", "groups_per_call", "group_ranks")
 
 
 class DivergenceError(FloatingPointError):
@@ -95,7 +95,8 @@ class Distiller:
         self.student = Student.of(build_network(cfg, ds).to(self.device), self.dsa, dtype,
                                   self.device, compile=cfg.distill.compile,
                                   cuda_graphs=cfg.distill.cuda_graphs,
-                                  groups_per_call=cfg.distill.groups_per_call)
+                                  groups_per_call=cfg.distill.groups_per_call,
+                                  team=comm.team(cfg.distill.group_ranks))
         # merge (ablation): D_distill is matched alone and concatenated afterwards
         n_match = len(synset.distilled) if self.method == "merge" else len(synset)
         self.batch = min(batch_syn(cfg, ds.info.num_classes), n_match)
@@ -103,12 +104,13 @@ class Distiller:
         if self.batch % self.group:
             raise ValueError(f"distill.bn_group {self.group} must divide the batch {self.batch} "
                              f"(distill.batch_syn, capped at the {n_match} images matched)")
-        groups = self.batch // self.group
-        if comm.world_size > groups and is_main:
-            log.warning("%d ranks share %d BN group(s) per step: %d rank(s) idle. Set "
-                        "distill.bn_group <= %d to use them all (g is part of the math: "
-                        "changing it changes the result; R never does)", comm.world_size, groups,
-                        comm.world_size - groups, self.batch // comm.world_size)
+        groups, teams = self.batch // self.group, comm.world_size // cfg.distill.group_ranks
+        if teams > groups and is_main:
+            log.warning("%d team(s) of %d rank(s) share %d BN group(s) per step: %d rank(s) "
+                        "idle. Set distill.bn_group <= %d, or distill.group_ranks to spread each "
+                        "group over more ranks (g is part of the math: changing it changes the "
+                        "result; neither R nor group_ranks does)", teams, cfg.distill.group_ranks,
+                        groups, (teams - groups) * cfg.distill.group_ranks, self.batch // teams)
         momentum = cfg.distill.momentum
         self.opt_images = torch.optim.SGD([synset.distilled], lr=cfg.distill.lr_images,
                                           momentum=momentum)

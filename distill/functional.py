@@ -60,8 +60,14 @@ class FunctionalConvNet:
     blocks: tuple[Block, ...]
     classifier: int            # index of the linear weight (bias follows)
 
-    def forward(self, theta: Tensor, x: Tensor, groups: int = 1) -> Tensor:
-        """Logits of ``x`` [G·g, C, H, W]; batch norm normalises each of ``groups`` row blocks."""
+    def forward(self, theta: Tensor, x: Tensor, groups: int = 1, team=None) -> Tensor:
+        """Logits of ``x`` [G·g, C, H, W]; batch norm normalises each of ``groups`` row blocks.
+
+        ``team`` (a :class:`~distill.runtime.Team`): the G groups are split across the team's
+        ranks, each holding its share of every group's rows; batch-norm statistics are summed
+        over the team (a differentiable all-reduce), so every rank normalises with the whole
+        group's mean and variance.
+        """
         parts = [p.view(s) for p, s in zip(theta.split(self.sizes), self.shapes)]
         h = x
         for blk in self.blocks:
@@ -71,19 +77,25 @@ class FunctionalConvNet:
             # the replay's adjoint would carry through every step.
             bias = None if blk.bias_cancels else parts[blk.conv + 1]
             h = F.conv2d(h, parts[blk.conv], bias, padding=1)
-            h = self._norm(h, blk, parts, groups)
+            h = self._norm(h, blk, parts, groups, team)
             h = F.avg_pool2d(F.relu(h), 2)
         return F.linear(h.flatten(1), parts[self.classifier], parts[self.classifier + 1])
 
     @staticmethod
-    def _norm(h: Tensor, blk: Block, parts: list[Tensor], groups: int) -> Tensor:
+    def _norm(h: Tensor, blk: Block, parts: list[Tensor], groups: int, team) -> Tensor:
         w = b = None
         if blk.norm_affine is not None:
             w, b = parts[blk.norm_affine], parts[blk.norm_affine + 1]
         if blk.norm == "batch":
             n, c, hh, ww = h.shape
             hg = h.view(groups, n // groups, c, hh, ww)
-            var, mean = torch.var_mean(hg, dim=(1, 3, 4), correction=0, keepdim=True)
+            if team is None or team.size == 1:
+                var, mean = torch.var_mean(hg, dim=(1, 3, 4), correction=0, keepdim=True)
+            else:  # two passes (mean, then centred squares): no E[x²] − E[x]² cancellation
+                count = (n // groups) * hh * ww * team.size
+                mean = team.all_reduce_sum(hg.sum(dim=(1, 3, 4), keepdim=True)) / count
+                var = team.all_reduce_sum((hg - mean).pow(2).sum(dim=(1, 3, 4), keepdim=True))
+                var = var / count
             h = ((hg - mean) * torch.rsqrt(var + blk.eps)).view(n, c, hh, ww)
             return h * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1) if w is not None else h
         if blk.norm == "groupnorm":

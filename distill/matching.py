@@ -35,10 +35,12 @@ from typing import Protocol
 import torch
 
 from distill.augment import DSA, DSAParams, make_generator
+from distill.runtime import SOLO, Team
 from distill.student import Student
 
 __all__ = ["LOCAL", "Collectives", "LocalCollectives", "MatchPlan", "MatchResult", "StepPlan",
-           "Student", "make_plan", "match_replay", "match_unrolled", "rank_groups", "theta_pair"]
+           "Student", "make_plan", "match_replay", "match_unrolled", "rank_groups", "rank_share",
+           "theta_pair"]
 
 _PLAN, _AUG = 31, 32  # generator stream tags
 
@@ -49,6 +51,8 @@ class Collectives(Protocol):
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
+    def team(self, size: int) -> Team: ...
+
 
 class LocalCollectives:
     """One process: every reduction is the identity."""
@@ -58,6 +62,11 @@ class LocalCollectives:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def team(self, size: int) -> Team:
+        if size != 1:
+            raise ValueError(f"distill.group_ranks ({size}) must divide the number of ranks (1)")
+        return SOLO
 
 
 LOCAL = LocalCollectives()
@@ -167,10 +176,49 @@ class MatchResult:
     start_distance: float       # ‖θ*_t − θ*_{t+M}‖²
 
 
-def _rank_rows(step: StepPlan, groups: range, g: int) -> tuple[torch.Tensor, DSAParams | None]:
-    """This rank's rows of a step (its groups are contiguous) and their augmentation."""
-    lo, hi = groups.start * g, groups.stop * g
-    return step.index[lo:hi], (step.aug.slice(lo, hi) if step.aug is not None else None)
+@dataclass(frozen=True)
+class Share:
+    """Which positions of every step's batch this rank computes, and how they form BN groups:
+    whole groups ``[lo, hi)``, or (a BN group spread over a team of ranks) this member's slice
+    of each of its team's groups, at ``positions``."""
+
+    lo: int
+    hi: int
+    positions: torch.Tensor | None
+    group_rows: int                 # rows of one BN group held by this rank
+
+    @property
+    def empty(self) -> bool:
+        return self.hi == self.lo if self.positions is None else self.positions.numel() == 0
+
+    def rows(self, step: StepPlan) -> tuple[torch.Tensor, DSAParams | None]:
+        if self.positions is None:
+            aug = step.aug.slice(self.lo, self.hi) if step.aug is not None else None
+            return step.index[self.lo:self.hi], aug
+        aug = step.aug.take(self.positions) if step.aug is not None else None
+        return step.index.index_select(0, self.positions), aug
+
+
+def rank_share(plan: MatchPlan, rank: int, world_size: int, team_size: int = 1,
+               device: torch.device | str = "cpu") -> Share:
+    """This rank's share of every step: teams of ``team_size`` consecutive ranks divide the BN
+    groups among themselves (:func:`rank_groups`), and the members of a team divide every group
+    of their team into equal consecutive slices."""
+    if world_size % team_size:
+        raise ValueError(f"distill.group_ranks ({team_size}) must divide the number of ranks "
+                         f"({world_size})")
+    if plan.group % team_size:
+        raise ValueError(f"distill.group_ranks ({team_size}) must divide the BN group size "
+                         f"distill.bn_group ({plan.group}): every rank of a team holds an equal "
+                         f"share of each group")
+    groups = rank_groups(plan.num_groups, rank // team_size, world_size // team_size)
+    if team_size == 1:
+        return Share(groups.start * plan.group, groups.stop * plan.group, None, plan.group)
+    part = plan.group // team_size
+    starts = torch.arange(groups.start, groups.stop, device=device) * plan.group
+    starts = starts + (rank % team_size) * part
+    positions = (starts[:, None] + torch.arange(part, device=device)).reshape(-1)
+    return Share(0, 0, positions, part)
 
 
 def match_replay(student: Student, start: torch.Tensor, target: torch.Tensor,
@@ -184,15 +232,17 @@ def match_replay(student: Student, start: torch.Tensor, target: torch.Tensor,
     """
     images, lr_value = images.detach(), lr.detach()
     plan = plan.to(images.device)
-    groups = rank_groups(plan.num_groups, comm.rank, comm.world_size)
-    steps, g, b = student.steps, plan.group, plan.batch
+    steps, b = student.steps, plan.batch
+    share = rank_share(plan, comm.rank, comm.world_size, getattr(steps, "team", SOLO).size,
+                       images.device)
+    g = share.group_rows
 
     # forward: keep θ_0 … θ_N only
     thetas = [start.detach()]
     for step in plan.steps:
         grad = torch.zeros_like(thetas[-1])
-        if len(groups):
-            rows, aug = _rank_rows(step, groups, g)
+        if not share.empty:
+            rows, aug = share.rows(step)
             grad = steps.gradient(thetas[-1], images[rows], labels[rows], aug, group=g, batch=b)
         thetas.append(thetas[-1] - lr_value * comm.all_reduce_sum(grad))
     denom = (start - target).pow(2).sum()
@@ -205,8 +255,8 @@ def match_replay(student: Student, start: torch.Tensor, target: torch.Tensor,
     grad_lr = torch.zeros((), dtype=images.dtype, device=images.device)
     for k in range(len(plan.steps) - 1, -1, -1):
         h_lam = torch.zeros_like(lam)
-        if len(groups):
-            rows, aug = _rank_rows(plan.steps[k], groups, g)
+        if not share.empty:
+            rows, aug = share.rows(plan.steps[k])
             h_lam, grad_x, g_dot_lam = steps.replay(thetas[k], images[rows], labels[rows], aug,
                                                     lam, group=g, batch=b,
                                                     images_grad=images_grad)
@@ -234,7 +284,8 @@ def match_unrolled(student: Student, start: torch.Tensor, target: torch.Tensor,
     for step in plan.steps:
         th = theta if theta.requires_grad else theta.requires_grad_(True)
         loss = sum(student.group_loss(th, x[rows], labels[rows], aug, plan.batch)
-                   for rows, aug in (_rank_rows(step, range(gid, gid + 1), plan.group)
+                   for rows, aug in (Share(gid * plan.group, (gid + 1) * plan.group, None,
+                                           plan.group).rows(step)
                                      for gid in range(plan.num_groups)))
         g = torch.autograd.grad(loss, th, create_graph=True)[0]
         theta = th - lr_leaf * g

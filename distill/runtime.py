@@ -48,6 +48,44 @@ class DivergedRanksError(RuntimeError):
     """Ranks hold different synthetic sets: a bug or a non-deterministic kernel, never ignored."""
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a process group, differentiable to any order: the backward of a sum that every
+    rank receives is the sum of every rank's gradient, i.e. the same collective again."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, team: Team) -> torch.Tensor:
+        ctx.team = team
+        team.collectives += 1
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=team.group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllReduceSum.apply(grad.contiguous(), ctx.team), None
+
+
+class Team:
+    """The ranks that share every BN group (``distill.group_ranks``): ``size`` consecutive ranks.
+
+    ``all_reduce_sum`` is differentiable (twice and more), so batch-norm statistics summed over
+    the team stay inside autograd: the replay's double backward reaches every member's rows.
+    """
+
+    def __init__(self, *, size: int = 1, index: int = 0, member: int = 0, count: int = 1,
+                 group=None):
+        self.size, self.index, self.member, self.count, self.group = size, index, member, count, group
+        self.collectives = 0  # all-reduces made, forward and backward (docs/distributed.md)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return tensor
+        return _AllReduceSum.apply(tensor, self)
+
+
+SOLO = Team()
+
+
 class Runtime:
     def __init__(self, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  accelerator=None):
@@ -85,6 +123,29 @@ class Runtime:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def team(self, size: int) -> Team:
+        """This rank's team of ``size`` consecutive ranks that share each BN group.
+
+        Every rank must call this with the same size (process groups are created collectively);
+        the team is created once and reused.
+        """
+        if size == 1:
+            return SOLO
+        if self.world_size % size:
+            raise ValueError(f"distill.group_ranks ({size}) must divide the number of ranks "
+                             f"({self.world_size}): each BN group is spread over that many ranks")
+        teams = getattr(self, "_teams", {})
+        if size not in teams:
+            mine = None
+            for index in range(self.world_size // size):  # every rank creates every group
+                group = dist.new_group(list(range(index * size, (index + 1) * size)))
+                if self.rank // size == index:
+                    mine = group
+            teams[size] = Team(size=size, index=self.rank // size, member=self.rank % size,
+                               count=self.world_size // size, group=mine)
+            self._teams = teams
+        return teams[size]
 
     def barrier(self) -> None:
         if self.distributed:

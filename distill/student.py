@@ -84,15 +84,25 @@ class Student:
     @classmethod
     def of(cls, model: torch.nn.Module, dsa: DSA | None, dtype: torch.dtype,
            device: torch.device | str, *, compile: str | bool = "off", cuda_graphs: bool = True,
-           groups_per_call: int | None = None) -> Student:
+           groups_per_call: int | None = None, team=None) -> Student:
         """``compile``: off = the eager reference; on = the fast path (falls back to eager with a
-        warning where it cannot run); auto = on for CUDA, off on CPU (see :func:`use_fast_path`)."""
+        warning where it cannot run); auto = on for CUDA, off on CPU (see :func:`use_fast_path`).
+        ``team``: a :class:`~distill.runtime.Team` of more than one rank spreads every BN group
+        over its ranks (:class:`TeamSteps`)."""
         model.train()  # BN uses batch statistics: they are part of the matched computation
         buffers = {name: b.detach().to(device, dtype if b.is_floating_point() else b.dtype).clone()
                    for name, b in model.named_buffers()}
         student = cls(model, ParamLayout.of(model), dsa, buffers)
         fast, why = use_fast_path(compile, model, torch.device(device))
-        if fast:
+        if team is not None and team.size > 1:
+            net = functional_convnet(model)
+            if net is None:
+                raise ValueError(f"distill.group_ranks ({team.size}) spreads BN groups over "
+                                 f"ranks with the functional ConvNet; {type(model).__name__} "
+                                 f"has no functional form: use distill.group_ranks: 1")
+            student.steps = TeamSteps(net, dsa, team)
+            why = f"distill.group_ranks {team.size}: cross-rank BN statistics run uncompiled"
+        elif fast:
             student.steps = FastSteps(functional_convnet(model), dsa, student.steps,
                                       cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
                                       groups_per_call=groups_per_call)
@@ -352,6 +362,42 @@ class FastSteps:
 
 def _as_tuple(value) -> tuple:
     return value if isinstance(value, tuple) else (value,)
+
+
+# --------------------------------------------------------------------------------------------
+# One BN group spread over several ranks
+# --------------------------------------------------------------------------------------------
+
+
+class TeamSteps:
+    """The functional ConvNet with batch-norm statistics summed over a :class:`Team` of ranks,
+    each holding ``g / team.size`` rows of every BN group; plain autograd (the team's
+    differentiable all-reduce is an ``autograd.Function``, which ``torch.func`` and the
+    compiled path do not take). The result equals one rank holding whole groups (tested in
+    float64); the collectives per pass are counted in docs/distributed.md.
+    """
+
+    def __init__(self, net: FunctionalConvNet, dsa: DSA | None, team):
+        self.net, self.dsa, self.team = net, dsa, team
+        self.name = f"eager functional, each BN group over {team.size} ranks"
+
+    def _loss(self, theta, x, y, aug, group, batch):
+        if aug is not None:
+            x = self.dsa.apply(x, aug)
+        out = self.net.forward(theta, x, len(x) // group, team=self.team)
+        return F.cross_entropy(out, y, reduction="sum") / batch
+
+    def gradient(self, theta, x, y, aug, *, group, batch):
+        th = theta.detach().requires_grad_(True)
+        return torch.autograd.grad(self._loss(th, x, y, aug, group, batch), th)[0]
+
+    def replay(self, theta, x, y, aug, lam, *, group, batch, images_grad):
+        th = theta.detach().requires_grad_(True)
+        xb = x.detach().requires_grad_(images_grad)
+        g = torch.autograd.grad(self._loss(th, xb, y, aug, group, batch), th, create_graph=True)[0]
+        dot = (g * lam).sum()
+        parts = torch.autograd.grad(dot, [th, xb] if images_grad else [th])
+        return parts[0], (parts[1] if images_grad else None), dot.detach()
 
 
 # --------------------------------------------------------------------------------------------

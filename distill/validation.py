@@ -118,6 +118,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         problems.append(str(err))
     _choice(problems, "distill.precision", d.precision, PRECISIONS)
     _range(problems, "distill.groups_per_call", d.groups_per_call, 1)
+    _range(problems, "distill.group_ranks", d.group_ranks, 1)
     if d.max_start_epoch + d.expert_epochs > ex.epochs:
         problems.append(
             f"distill.max_start_epoch + distill.expert_epochs ({d.max_start_epoch} + "
@@ -132,6 +133,10 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         g = d.bn_group or b
         if b >= 1 and g >= 1 and b % g != 0:
             problems.append(f"distill.bn_group ({g}) must divide distill.batch_syn ({b})")
+        if g >= 1 and d.group_ranks >= 1 and g % d.group_ranks:
+            problems.append(f"distill.group_ranks ({d.group_ranks}) must divide the BN group size "
+                            f"({g}, distill.bn_group or the batch): each rank of a group's team "
+                            f"holds an equal share of its rows")
 
     ev = cfg.eval
     _range(problems, "eval.runs", ev.runs, 1)

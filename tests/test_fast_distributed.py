@@ -8,20 +8,18 @@ the default run); with Inductor every rank compiles its own shapes (minutes on 2
 from __future__ import annotations
 
 import logging
-import os
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from distill import student as student_mod
 from distill.functional import functional_convnet
 from distill.matching import match_replay
 from distill.student import FastSteps
-from test_distributed import distill, free_port, match_problem, prepare, cfg_for
+from ranks import rank_env, run_ranks
+from test_distributed import cfg_for, distill, match_problem, prepare
 
 WORLD = 2
 CASES = (4, 3)  # |b| / g with g = 2: two groups per rank, and an uneven 2 + 1 split
@@ -34,12 +32,9 @@ def fast_problem(groups: int, backend: str):
     return (student, *rest)
 
 
-def _rank_main(rank: int, port: int, out_dir: str, run_dir: str, backend: str,
+def _rank_main(rank: int, world: int, port: int, out_dir: str, run_dir: str, backend: str,
                cases: tuple[int, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
-                      ACCELERATE_USE_CPU="true", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    rank_env(rank, world, port)
     student_mod.BACKEND = backend
     from distill.runtime import Runtime
 
@@ -63,18 +58,8 @@ def _rank_main(rank: int, port: int, out_dir: str, run_dir: str, backend: str,
 
 def launch(out_dir: Path, run_dir: Path, backend: str, cases: tuple[int, ...],
            timeout: float) -> list[dict]:
-    ctx = mp.start_processes(_rank_main,
-                             args=(free_port(), str(out_dir), str(run_dir), backend, cases),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"2-rank run did not finish in {timeout:.0f} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.terminate()
+    run_ranks(_rank_main, world=WORLD, args=(str(out_dir), str(run_dir), backend, cases),
+              timeout=timeout)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
