@@ -106,7 +106,7 @@ class Student:
             student.steps = FastSteps(functional_convnet(model), dsa, student.steps,
                                       cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
                                       groups_per_call=groups_per_call)
-        log.info("matching step: %s path (%s)", student.steps.name, why)
+        log.info("matching step: %s (%s)", student.steps.name, why)
         return student
 
     def group_loss(self, theta: Tensor, x: Tensor, y: Tensor, aug: DSAParams | None,
@@ -157,7 +157,7 @@ def _aug_slice(aug: DSAParams | None, lo: int, hi: int) -> DSAParams | None:
 class EagerSteps:
     """The reference: autograd through the module-based forward, one BN group at a time."""
 
-    name = "eager"
+    name = "eager reference"
 
     def __init__(self, student: Student):
         self.student = student
