@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from distill.config import ConfigError, RunConfig, batch_syn
+from distill.imagefolder import MalformedFolderError
 
 EXPERT_AUGMENTS = ("dsa", "none")
 DISTILL_AUGMENTS = ("dsa", "none")
@@ -50,7 +51,9 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     if _choice(problems, "data.name", cfg.data.name, data_mod.dataset_names()):
         try:
             info = data_mod.get_info(cfg.data.name, train_per_class=cfg.data.train_per_class,
-                                     options=cfg.data.options)
+                                     options=cfg.data.options, root=cfg.data.root)
+        except (data_mod.DatasetNotFoundError, MalformedFolderError) as err:
+            problems.append(f"data.root: {err}")  # only imagefolder reads files here
         except ValueError as err:
             problems.append(f"data.options: {err}")
     _range(problems, "data.train_per_class", cfg.data.train_per_class, 1)

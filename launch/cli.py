@@ -104,10 +104,13 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError([f"data list takes no overrides, got {' '.join(overrides)}"])
     rows = []
     for name in data.dataset_names():
-        info = data.get_info(name)
         ok, where = data.dataset_status(name)
-        shape = "x".join(str(s) for s in info.image_shape)
-        rows.append((name, "yes" if ok else "no", str(info.num_classes), shape, where))
+        try:
+            info = data.get_info(name)
+            classes, shape = str(info.num_classes), "x".join(str(s) for s in info.image_shape)
+        except data.DatasetNotFoundError:  # imagefolder: its facts are its files (data.root)
+            classes, shape = "-", "-"
+        rows.append((name, "yes" if ok else "no", classes, shape, where))
     header = ("dataset", "available", "classes", "shape", "where / how to get it")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
     for row in [header] + rows:

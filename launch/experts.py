@@ -19,6 +19,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
+from distill import storage
 from distill.config import RunConfig, save_config
 from distill.data import Dataset, load_configured
 from distill.experts import train_expert
@@ -52,6 +53,7 @@ def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str 
     log.info("%d of %d experts present; training %d (%s)", done, cfg.experts.num_experts,
              len(missing), "in-process" if workers == 0 else "Ray")
     ds = load_configured(cfg.data)
+    storage.write_json(storage.join(cfg.run_dir, "data.json"), ds.describe())
     bar = tqdm(total=len(missing), desc="experts", disable=not progress)
     if workers == 0:
         for expert_id in missing:

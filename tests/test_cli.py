@@ -42,7 +42,8 @@ def test_data_list(capsys):
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
     assert rows["digits"] == "yes" and rows["synthetic"] == "yes"
     assert set(rows) == {"digits", "synthetic", "fashion_mnist", "mnist", "cifar10", "cifar100",
-                         "tinyimagenet"}
+                         "tinyimagenet", "imagefolder"}
+    assert rows["imagefolder"] == "no"  # no data.root given: its facts are its files
     if os.path.isdir("/usr/share/datasets/fashion-mnist"):
         assert rows["fashion_mnist"] == "yes"
 
