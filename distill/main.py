@@ -33,6 +33,7 @@ from distill import storage
 from distill.config import ConfigError, RunConfig, load_config, save_config, syn_lr_init
 from distill.data import Dataset, load_configured
 from distill.distiller import Distiller, method_name, resume_hash
+from distill.estimate import log_summary
 from distill.metrics import JsonlSink, Metrics, read_jsonl
 from distill.runtime import Runtime
 from distill.scores import load_scores
@@ -69,7 +70,10 @@ def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None
     log.info("%s: %s, %d images (%d learnable), %s", method, cfg.data.name, len(synset),
              len(synset.distilled), rt.describe())
     if rt.is_main:
+        log_summary(cfg, ranks=rt.world_size, device=rt.device.type)
+    if rt.is_main:
         save_config(cfg)
+        storage.write_json(storage.join(cfg.run_dir, "data.json"), ds.describe())
         # the exact starting point (selection, learnable rows marked), kept for comparisons
         synset.save(cfg.run_dir, f"{method}_init", meta=_meta(cfg, f"{method}_init"),
                     denormalize=ds.denormalize)

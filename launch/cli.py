@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
             "launch.pipeline:cmd_run"),
     "tune": ("App. E search: beta, then alpha at the best beta, on Ray Tune (tune/selected.yaml)",
              "tune.main:cmd_tune"),
+    "estimate": ("memory per rank, storage, communication and time of the matching step",
+                 "launch.estimate:cmd_estimate"),
 }
 
 
@@ -69,6 +71,12 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
     if name == "distill":
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    if name == "estimate":
+        p.add_argument("--gpus", type=int, default=1, help="ranks (GPUs) sharing each step")
+        p.add_argument("--device-memory", default=None,
+                       help="memory per device, e.g. 80GiB or 141GB (default: this machine's)")
+        p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                       help="whose coefficients and profiles to use (default cuda)")
     if name == "tune":
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
         p.add_argument("--no-ray", action="store_true",

@@ -23,6 +23,7 @@ from distill.baselines import baseline_set, window_search
 from distill.config import RunConfig, config_hash, dump_yaml, save_config
 from distill.data import Dataset, load_configured
 from distill.distiller import resume_hash
+from distill.estimate import log_summary
 from distill.evaluate import Reference, evaluate_config
 from distill.experts import expert_network
 from distill.main import run_distill
@@ -186,6 +187,7 @@ def cmd_run(args, overrides: list[str]) -> int:
     from launch.cli import resolve_config
 
     cfg = resolve_config(args, overrides)
+    log_summary(cfg, ranks=1, device=_device())
     command = "selmatch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(run_pipeline(cfg, workers=args.workers, ray_address=args.ray_address, command=command))
     return 0
