@@ -34,7 +34,7 @@ from distill.config import ConfigError, RunConfig, load_config, save_config, syn
 from distill.data import Dataset, load_configured
 from distill.distiller import Distiller, method_name, resume_hash
 from distill.estimate import log_summary
-from distill.metrics import JsonlSink, Metrics, read_jsonl
+from distill.metrics import JsonlSink, Metrics, read_jsonl, tensorboard_sinks
 from distill.runtime import Runtime
 from distill.scores import load_scores
 from distill.selection import make_selection
@@ -94,7 +94,8 @@ def _distill(cfg: RunConfig, ds: Dataset, synset: SyntheticSet, rt: Runtime, met
              resume: bool, progress: bool) -> None:
     ckpt = storage.join(cfg.run_dir, "checkpoints", f"{method}.pt")
     metrics_url = storage.join(cfg.run_dir, "logs", f"distill_{method}.jsonl")
-    sinks = [JsonlSink(metrics_url)] if rt.is_main else []
+    sinks = [JsonlSink(metrics_url), *tensorboard_sinks(cfg, f"distill_{method}")] \
+        if rt.is_main else []
     distiller = Distiller(cfg, ds, synset, ExpertStore(cfg), comm=rt, device=rt.device,
                           metrics=Metrics(sinks), is_main=rt.is_main)
     if resume and storage.exists(ckpt):

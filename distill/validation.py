@@ -7,6 +7,7 @@ got 1.5"); :func:`validate_config` raises one :class:`ConfigError` listing them 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from distill.config import ConfigError, RunConfig, batch_syn
@@ -137,6 +138,8 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _range(problems, "eval.weight_decay", ev.weight_decay, 0)
     _range(problems, "eval.batch_size", ev.batch_size, 1)
     _choice(problems, "eval.augment", ev.augment, EVAL_AUGMENTS)
+    _range(problems, "eval.num_cpus", ev.num_cpus, 0)
+    _range(problems, "eval.num_gpus", ev.num_gpus, 0)
 
     t = cfg.tune
     _range(problems, "tune.beta_step", t.beta_step, 0, 1, lo_open=True)
@@ -151,6 +154,10 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _range(problems, "tune.max_concurrent", t.max_concurrent, 1)
     _range(problems, "tune.num_cpus", t.num_cpus, 0)
     _range(problems, "tune.num_gpus", t.num_gpus, 0)
+
+    if cfg.metrics.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("metrics.tensorboard is true but the tensorboard package is not "
+                        "installed (pip install tensorboard, or selmatch's [tensorboard] extra)")
 
     if problems:
         raise ConfigError(problems)

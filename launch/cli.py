@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
-    if name in ("experts", "run"):
+    if name in ("experts", "run", "evaluate"):
         p.add_argument("--workers", type=int, default=None,
                        help="parallel Ray workers (0 = train in-process without Ray; default: Ray decides)")
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
