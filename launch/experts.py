@@ -38,6 +38,13 @@ def train_and_save(cfg: RunConfig, ds: Dataset, expert_id: int, progress: bool =
     return ExpertStore(cfg).save(result)
 
 
+def train_on_ray(cfg: RunConfig, ds: Dataset, expert_id: int) -> dict:
+    """``train_and_save`` as a Ray task; the manifest entry also names the node it ran on."""
+    import ray
+
+    return {**train_and_save(cfg, ds, expert_id), "node": ray.get_runtime_context().get_node_id()}
+
+
 def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str | None = None,
                 progress: bool = True) -> dict:
     """Train every missing expert; returns the manifest. ``workers=0`` trains without Ray."""
@@ -82,7 +89,7 @@ def _run_on_ray(cfg: RunConfig, ds: Dataset, missing: list[int], store: ExpertSt
     started = init_ray(address)
     try:
         task = ray.remote(num_cpus=cfg.experts.num_cpus, num_gpus=cfg.experts.num_gpus,
-                          max_retries=1)(train_and_save)
+                          max_retries=1)(train_on_ray)
         ds_ref = ray.put(ds)
         limit = workers or len(missing)
         queue = list(missing)
