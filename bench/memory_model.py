@@ -22,7 +22,8 @@ are also measured with the default allocator, and that difference is reported, n
 
 The calibration settings (set "cal") fit the coefficients; the validation settings ("val") differ
 in |b|, g, N, width, image size, depth, channels and set size, and are not used by the fit. The
-DESIGN.md §4 replay-prototype anchors (one H200, CUDA allocator peaks) are compared as well.
+DESIGN.md §4 replay-prototype anchors (one H200, CUDA allocator peaks) are compared as well, and
+so is every GPU replay record of this code in bench/results/matching_*.json (none yet).
 Writes ``--out`` (default bench/results/memory_model_cpu) .json and .md.
 """
 
@@ -181,6 +182,36 @@ def compare_gpu() -> list[dict]:
     return rows
 
 
+def compare_gpu_records(results_dir: str = os.path.join(HERE, "results")) -> list[dict]:
+    """This code's own GPU measurements, when bench/matching.py has recorded any
+    (bench/results/matching_*.json, replay on cuda): the CUDA allocator's peak against the model
+    (the set, its gradient, θ vectors, one group's activations, runtime; the bench's extra probe
+    vector of n·D floats is added to the prediction)."""
+    import glob
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "matching_*.json"))):
+        with open(path) as f:
+            doc = json.load(f)
+        for r in doc.get("records", []):
+            if (r.get("method") != "replay" or r.get("status") != "ok"
+                    or not str(r.get("device", "")).startswith("cuda")):
+                continue
+            net = est.Network(name="convnet", in_channels=r["channels"], num_classes=r["classes"],
+                              image_size=r["image_size"], width=r["width"], depth=r["depth"],
+                              norm="batch")
+            shape = est.MatchingShape(net=net, batch=r["batch"], group=r["group"],
+                                      steps=r["steps"], n_images=r["n_images"],
+                                      n_matched=r["n_images"], n_learnable=0, joint=False)
+            probe = r["n_images"] * shape.image_numel * 4
+            pred = (est.peak_bytes(shape, "cuda") + probe) / est.GIB
+            rows.append({"file": os.path.relpath(path, ROOT), "machine": doc.get("machine"),
+                         "batch": r["batch"], "group": r["group"], "steps": r["steps"],
+                         "n": r["n_images"], "width": r["width"], "measured_gib": r["peak_gib"],
+                         "predicted_gib": pred, "error": pred / r["peak_gib"] - 1})
+    return rows
+
+
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:+.1f}%"
 
@@ -235,6 +266,20 @@ def write(out: str, doc: dict) -> None:
     for r in gpu:
         lines.append(f"| {r['batch']} | {r['steps']} | {r['n']} | {r['measured_gib']} | "
                      f"{r['predicted_gib']:.2f} | {_pct(r['error'])} | {r['role']} |")
+    own = doc.get("gpu_own", [])
+    lines += ["", "This code on a GPU (bench/matching.py records in bench/results/matching_*.json, "
+              "CUDA allocator peak):", ""]
+    if not own:
+        lines.append("none recorded yet (`bash bench/gpu_checks.sh matching` measures them; copy "
+                     "its matching_gpu.json into bench/results/ and rerun this script with "
+                     "--from-json).")
+    else:
+        lines += ["| file | machine | width | \\|b\\| | g | N | n | measured GiB | predicted GiB "
+                  "| error |", "|" + " --- |" * 10]
+        for r in own:
+            lines.append(f"| {r['file']} | {r['machine']} | {r['width']} | {r['batch']} | "
+                         f"{r['group']} | {r['steps']} | {r['n']} | {r['measured_gib']:.2f} | "
+                         f"{r['predicted_gib']:.2f} | {_pct(r['error'])} |")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {out}.json and {out}.md")
@@ -280,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fit: activation {slope:.3f} (words per conv-output element and sample), "
               f"runtime {est.fmt_bytes(intercept)}")
     doc["rows"], doc["gpu"] = compare(measured, default), compare_gpu()
+    doc["gpu_own"] = compare_gpu_records()
     write(args.out, doc)
 
 

@@ -214,6 +214,23 @@ def test_recorded_cpu_measurements_still_within_25_percent():
         assert abs(r["error"]) <= mm.TOLERANCE, r
 
 
+def test_gpu_records_of_this_code_are_compared_when_present(tmp_path):
+    mm = _memory_model_module()
+    assert mm.compare_gpu_records(str(tmp_path)) == []
+    rec = {"method": "replay", "status": "ok", "device": "cuda", "channels": 3, "classes": 10,
+           "image_size": 32, "width": 128, "depth": 3, "batch": 500, "group": 500, "steps": 55,
+           "n_images": 2500, "peak_gib": 3.9}
+    (tmp_path / "matching_h200.json").write_text(json.dumps(
+        {"machine": "H200", "records": [rec, {**rec, "device": "cpu"}]}))
+    (row,) = mm.compare_gpu_records(str(tmp_path))
+    net_ = net(width=128, depth=3, size=32, channels=3, classes=10)
+    s = est.MatchingShape(net=net_, batch=500, group=500, steps=55, n_images=2500,
+                          n_matched=2500, n_learnable=0, joint=False)
+    assert row["predicted_gib"] == pytest.approx((est.peak_bytes(s, "cuda") + 2500 * 3072 * 4)
+                                                 / est.GIB)
+    assert row["error"] == pytest.approx(row["predicted_gib"] / 3.9 - 1)
+
+
 @pytest.mark.slow
 def test_memory_model_against_a_fresh_cpu_measurement(tmp_path):
     """Two held-out settings measured now, in fresh processes (~2 min on 2 busy cores)."""
