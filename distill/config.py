@@ -201,6 +201,12 @@ class EvalConfig:
     """Training minibatch size."""
     augment: str = "combined"
     """combined (DSA on distilled rows, crop+flip on selected rows), dsa, simple or none."""
+    num_cpus: float = 1.0
+    """Resources per evaluation run (one Ray task each with `selmatch evaluate/run`): CPUs; each
+    run trains with this many torch threads (at least 1), on Ray and in-process alike."""
+    num_gpus: float | None = None
+    """Resources per evaluation run: GPUs (fractions share a GPU; 0 = the run trains on CPU);
+    None = 1 when the machine running the command has CUDA, else 0."""
 
 
 @dataclass(kw_only=True)
@@ -237,6 +243,14 @@ class TuneConfig:
 
 
 @dataclass(kw_only=True)
+class MetricsConfig:
+    tensorboard: bool = False
+    """Also write TensorBoard event files under <run_dir>/tensorboard/ (distillation loss, syn_lr,
+    speed, memory; evaluation accuracies); needs the tensorboard package. JSONL logs are always
+    written."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     run_dir: str = "runs/quickstart"
     """Run directory for every artifact (local path or fsspec URL)."""
@@ -250,8 +264,11 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
+# the sections that decide results (hashed into artifacts); ``metrics`` only decides where
+# results are logged, so changing it never invalidates an artifact
 SECTIONS = ("data", "model", "experts", "scores", "select", "distill", "eval", "tune")
 
 

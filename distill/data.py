@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill import imagefolder
 from distill.data_formats import (
     _CIFAR10,
     _CIFAR100,
@@ -118,13 +119,21 @@ class Dataset:
         mean, std = self._stats(x)
         return x * std + mean
 
+    def describe(self) -> dict:
+        """What labels mean and how images were normalised (``<run_dir>/data.json``)."""
+        i = self.info
+        return {"name": i.name, "class_names": list(self.class_names), "image_shape":
+                list(i.image_shape), "mean": list(i.mean), "std": list(i.std),
+                "train_size": len(self.y_train), "test_size": len(self.y_test)}
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
     """How to describe, find and read one dataset; the registry maps names to these."""
 
     name: str
-    static: Callable[[Options], tuple[DatasetInfo, tuple[int, ...]]]  # -> info, per-class sizes
+    static: Callable[[Options, str | None], tuple[DatasetInfo, tuple[int, ...]]]  # (options,
+    # located root or None) -> info, per-class sizes; only imagefolder needs the root
     locate: Callable[[list[str]], str]  # candidate roots -> folder; raises DatasetNotFoundError
     read: Callable[[str, Options], _Raw]
     default_root: str | None = None
@@ -141,9 +150,9 @@ class DatasetSpec:
                              f"allowed: {allowed}")
         return {**self.option_defaults, **given}
 
-    def info(self, options: Options | None = None, *,
-             train_per_class: int | None = None) -> DatasetInfo:
-        info, counts = self.static(self.options(options))
+    def info(self, options: Options | None = None, *, train_per_class: int | None = None,
+             root: str | None = None) -> DatasetInfo:
+        info, counts = self.static(self.options(options), root)
         if train_per_class is None:
             return info
         kept = [min(_check_k(train_per_class), c) for c in counts]
@@ -166,7 +175,6 @@ class DatasetSpec:
     def load(self, root: str | None = None, download: bool = False,
              options: Options | None = None, *, train_per_class: int | None = None) -> Dataset:
         opts = self.options(options)
-        info = self.info(opts)
         if train_per_class is not None:
             _check_k(train_per_class)
         try:
@@ -178,6 +186,7 @@ class DatasetSpec:
             log.info("%s: downloading into %s", self.name, target)
             self.fetch(target)
             where = self.locate([target])
+        info = self.info(opts, root=where)
         log.info("%s: reading %s", self.name, where)
         return _assemble(info, self.read(where, opts), train_per_class)
 
@@ -358,16 +367,17 @@ def _on_disk(name: str, *, counts: tuple[int, ...], shape: tuple[int, int, int],
     info = DatasetInfo(name=name, num_classes=len(counts), image_shape=shape,
                        train_size=sum(counts), test_size=10_000, min_class_size=min(counts),
                        mean=mean, std=std, description=description, how_to_get=_HOW[name])
-    return DatasetSpec(name, lambda opts: (info, counts),
+    return DatasetSpec(name, lambda opts, root: (info, counts),
                        _locator(name, what, subdirs, files, _HOW[name]), read,
                        default_root=default_root or f"{_CACHE}/{name}", fetch=fetch)
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec("digits", lambda opts: _digits_static(),
+    "digits": DatasetSpec("digits", lambda opts, root: _digits_static(),
                           lambda roots: "embedded in scikit-learn",
                           lambda where, opts: _digits_raw()),
-    "synthetic": DatasetSpec("synthetic", _synthetic_static, lambda roots: "generated in memory",
+    "synthetic": DatasetSpec("synthetic", lambda opts, root: _synthetic_static(opts),
+                             lambda roots: "generated in memory",
                              lambda where, opts: _synthetic_raw(**opts),
                              option_defaults=_SYN_DEFAULTS),
     "mnist": _on_disk(
@@ -395,6 +405,9 @@ DATASETS: dict[str, DatasetSpec] = {
         "tinyimagenet", counts=(500,) * 200, shape=(3, 64, 64), mean=(0.4802, 0.4481, 0.3975),
         std=(0.2302, 0.2265, 0.2262), description="Tiny ImageNet 64x64, 200 classes; val = test",
         what=_TINY, subdirs=(_TINY, ""), files=_TINY_NEEDS, read=_tiny_read, fetch=_tiny_fetch),
+    "imagefolder": DatasetSpec("imagefolder", lambda opts, root: imagefolder.static(opts, root),
+                               imagefolder.locate, imagefolder.read,
+                               option_defaults=imagefolder.OPTION_DEFAULTS),
 }
 
 
@@ -411,10 +424,11 @@ def get_spec(name: str) -> DatasetSpec:
                                   f"{', '.join(dataset_names())}") from None
 
 
-def get_info(name: str, *, train_per_class: int | None = None,
-             options: Options | None = None) -> DatasetInfo:
-    """Static facts without reading files (digits and synthetic are generated: instant)."""
-    return get_spec(name).info(options, train_per_class=train_per_class)
+def get_info(name: str, *, train_per_class: int | None = None, options: Options | None = None,
+             root: str | None = None) -> DatasetInfo:
+    """Static facts without reading files (digits and synthetic are generated: instant), except
+    for imagefolder, whose facts are its files (``root`` required, decoded once per process)."""
+    return get_spec(name).info(options, train_per_class=train_per_class, root=root)
 
 
 def load_dataset(name: str, *, root: str | None = None, download: bool = False,

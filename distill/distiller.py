@@ -57,7 +57,9 @@ def resume_hash(cfg: RunConfig) -> str:
 class TrajectoryCache:
     """Expert trajectories loaded on demand, the most recent ``size`` kept in memory."""
 
-    def __init__(self, store: ExpertStore, size: int = 8):
+    SIZE = 8  # default; distill/estimate.py reports the host memory it takes
+
+    def __init__(self, store: ExpertStore, size: int = SIZE):
         self.store, self.size = store, size
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
 

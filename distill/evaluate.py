@@ -43,8 +43,8 @@ from distill.data import Dataset
 from distill.models import build_model
 
 __all__ = [
-    "EvalResult", "Reference", "coverage", "eval_epochs", "evaluate_config", "evaluate_images",
-    "nn_radius", "train_network",
+    "EvalResult", "Reference", "config_epochs", "coverage", "coverage_of", "eval_epochs",
+    "evaluate_config", "evaluate_images", "nn_radius", "run_correct", "summarize", "train_network",
 ]  # fmt: skip
 
 # Stream tags: keep the generators of different purposes apart for the same seed and position.
@@ -371,27 +371,55 @@ def evaluate_images(images: Tensor, labels: Tensor, ds: Dataset, *, model: str, 
     if reference is not None and tuple(reference.easy.shape) != tuple(ds.y_test.shape):
         raise ValueError(f"reference.easy has shape {tuple(reference.easy.shape)}, the test set "
                          f"has {len(ds.y_test)} samples: build the Reference on this dataset")
-    cover = None
-    if reference is not None:
-        cover = coverage(reference.feature_fn(images.detach()), reference.test_features,
-                         reference.radius)
-    accuracies, easy_accs, hard_accs = [], [], []
-    for run in tqdm(range(runs), desc="eval runs", disable=not progress):
-        net = train_network(images, labels, num_classes=ds.num_classes, model=model,
-                            epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                            batch_size=batch_size, augment=augment, is_distilled=is_distilled,
-                            seed=_derived_seed(seed, _RUN, run), device=device,
-                            progress=progress)
-        correct = _predict(net, ds.x_test) == ds.y_test.cpu()
-        accuracies.append(float(correct.float().mean()))
-        split = _split_accuracy(correct, reference)
-        if split is not None:
-            easy_accs.append(split[0])
-            hard_accs.append(split[1])
+    cover = None if reference is None else coverage_of(images, reference)
+    corrects = [run_correct(images, labels, ds, run=run, model=model, epochs=epochs,
+                            augment=augment, is_distilled=is_distilled, lr=lr, momentum=momentum,
+                            weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+                            device=device, progress=progress)
+                for run in tqdm(range(runs), desc="eval runs", disable=not progress)]
+    return summarize(corrects, reference=reference, coverage=cover, epochs=epochs, model=model,
+                     augment=augment, n_images=len(images))
+
+
+def coverage_of(images: Tensor, reference: Reference) -> float:
+    """Coverage of the test set by `images` in the reference's feature space."""
+    return coverage(reference.feature_fn(images.detach()), reference.test_features,
+                    reference.radius)
+
+
+def run_correct(images: Tensor, labels: Tensor, ds: Dataset, *, run: int, model: str,
+                epochs: int, augment: str = "combined", is_distilled: Tensor | None = None,
+                lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+                batch_size: int = 128, seed: int = 0, device: str | torch.device = "cpu",
+                progress: bool = False) -> Tensor:
+    """Evaluation run `run` alone (seeded from (seed, run)): which test samples (bool, CPU) its
+    network gets right. Runs are independent, so they may run anywhere in any order
+    (launch/evaluate.py spreads them over Ray workers) and :func:`summarize` combines them."""
+    net = train_network(images, labels, num_classes=ds.num_classes, model=model, epochs=epochs,
+                        lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        batch_size=batch_size, augment=augment, is_distilled=is_distilled,
+                        seed=_derived_seed(seed, _RUN, run), device=device, progress=progress)
+    return _predict(net, ds.x_test) == ds.y_test.cpu()
+
+
+def summarize(corrects: list[Tensor], *, reference: Reference | None, coverage: float | None,
+              epochs: int, model: str, augment: str, n_images: int) -> EvalResult:
+    """An EvalResult from the per-run correctness vectors of :func:`run_correct`, in run order."""
+    accuracies = [float(c.float().mean()) for c in corrects]
+    splits = [s for s in (_split_accuracy(c, reference) for c in corrects) if s is not None]
     return EvalResult(accuracies=accuracies, mean=statistics.fmean(accuracies),
-                      std=statistics.pstdev(accuracies), easy_acc=_mean_or_none(easy_accs),
-                      hard_acc=_mean_or_none(hard_accs), coverage=cover, epochs=epochs,
-                      runs=runs, model=model, augment=augment, n_images=len(images))
+                      std=statistics.pstdev(accuracies),
+                      easy_acc=_mean_or_none([e for e, _ in splits]),
+                      hard_acc=_mean_or_none([h for _, h in splits]), coverage=coverage,
+                      epochs=epochs, runs=len(corrects), model=model, augment=augment,
+                      n_images=n_images)
+
+
+def config_epochs(eval_cfg, n_images: int, n_train: int) -> int:
+    """`eval_cfg.epochs`, else the paper's rule on ratio = n_images / n_train."""
+    if eval_cfg.epochs is not None:
+        return eval_cfg.epochs
+    return eval_epochs(n_images / max(1, n_train))
 
 
 def evaluate_config(images: Tensor, labels: Tensor, ds: Dataset, eval_cfg, *,
@@ -406,9 +434,7 @@ def evaluate_config(images: Tensor, labels: Tensor, ds: Dataset, eval_cfg, *,
     runs: the explicit argument, else `eval_cfg.runs`.
     """
     if epochs is None:
-        epochs = eval_cfg.epochs
-    if epochs is None:
-        epochs = eval_epochs(len(images) / max(1, len(ds.y_train)))
+        epochs = config_epochs(eval_cfg, len(images), len(ds.y_train))
     return evaluate_images(
         images, labels, ds, model=eval_cfg.model, epochs=epochs,
         runs=eval_cfg.runs if runs is None else runs, augment=eval_cfg.augment,

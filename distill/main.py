@@ -33,7 +33,8 @@ from distill import storage
 from distill.config import ConfigError, RunConfig, load_config, save_config, syn_lr_init
 from distill.data import Dataset, load_configured
 from distill.distiller import Distiller, method_name, resume_hash
-from distill.metrics import JsonlSink, Metrics, read_jsonl
+from distill.estimate import log_summary
+from distill.metrics import JsonlSink, Metrics, read_jsonl, tensorboard_sinks
 from distill.runtime import Runtime
 from distill.scores import load_scores
 from distill.selection import make_selection
@@ -69,7 +70,10 @@ def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None
     log.info("%s: %s, %d images (%d learnable), %s", method, cfg.data.name, len(synset),
              len(synset.distilled), rt.describe())
     if rt.is_main:
+        log_summary(cfg, ranks=rt.world_size, device=rt.device.type)
+    if rt.is_main:
         save_config(cfg)
+        storage.write_json(storage.join(cfg.run_dir, "data.json"), ds.describe())
         # the exact starting point (selection, learnable rows marked), kept for comparisons
         synset.save(cfg.run_dir, f"{method}_init", meta=_meta(cfg, f"{method}_init"),
                     denormalize=ds.denormalize)
@@ -90,7 +94,8 @@ def _distill(cfg: RunConfig, ds: Dataset, synset: SyntheticSet, rt: Runtime, met
              resume: bool, progress: bool) -> None:
     ckpt = storage.join(cfg.run_dir, "checkpoints", f"{method}.pt")
     metrics_url = storage.join(cfg.run_dir, "logs", f"distill_{method}.jsonl")
-    sinks = [JsonlSink(metrics_url)] if rt.is_main else []
+    sinks = [JsonlSink(metrics_url), *tensorboard_sinks(cfg, f"distill_{method}")] \
+        if rt.is_main else []
     distiller = Distiller(cfg, ds, synset, ExpertStore(cfg), comm=rt, device=rt.device,
                           metrics=Metrics(sinks), is_main=rt.is_main)
     if resume and storage.exists(ckpt):

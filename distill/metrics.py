@@ -1,6 +1,6 @@
 """One metrics interface, pluggable sinks: JSONL always, TensorBoard when asked and installed.
 
-    metrics = Metrics([JsonlSink(url)])
+    metrics = Metrics([JsonlSink(url), *tensorboard_sinks(cfg, "distill_selmatch")])
     metrics.log(step=10, loss=0.8, syn_lr=0.01)
     metrics.close()
 
@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 from typing import Any, Protocol
 
 from distill import storage
@@ -43,24 +46,73 @@ class JsonlSink:
 
 
 class TensorBoardSink:
-    """Scalars to TensorBoard (local directories only: the SummaryWriter writes files itself)."""
+    """Numeric fields as TensorBoard scalars (tag = field name, step = ``record["step"]``).
 
-    def __init__(self, logdir: str):
+    The SummaryWriter writes local files; for a remote run directory (``s3://``, ``memory://``)
+    it writes to a temporary folder whose event files are copied to ``url`` on every flush.
+    """
+
+    def __init__(self, url: str):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        self.writer = SummaryWriter(logdir)
+        self.url = url
+        local = _local_path(url)
+        self._tmp = None if local is not None else tempfile.mkdtemp(prefix="selmatch-tb-")
+        self.logdir = local if local is not None else self._tmp
+        self.writer = SummaryWriter(self.logdir)
 
     def write(self, record: dict[str, Any]) -> None:
-        step = record.get("step", 0)
+        step = int(record.get("step", 0))
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+            if (key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value)):
                 self.writer.add_scalar(key, value, step)
 
     def flush(self) -> None:
         self.writer.flush()
+        if self._tmp is not None:
+            for name in sorted(os.listdir(self._tmp)):
+                with open(os.path.join(self._tmp, name), "rb") as f:
+                    storage.write_bytes(storage.join(self.url, name), f.read())
 
     def close(self) -> None:
         self.writer.close()
+        self.flush()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if "://" in url else url
+
+
+def tensorboard_sinks(cfg, name: str) -> list[Sink]:
+    """``[TensorBoardSink(<run_dir>/tensorboard/<name>)]`` when ``metrics.tensorboard``, else []."""
+    if not cfg.metrics.tensorboard:
+        return []
+    return [TensorBoardSink(storage.join(cfg.run_dir, "tensorboard", name))]
+
+
+def run_metrics(cfg, name: str, *, keep: bool = False) -> Metrics:
+    """JSONL at ``<run_dir>/logs/<name>.jsonl`` (its earlier records kept when ``keep``), plus
+    TensorBoard at ``<run_dir>/tensorboard/<name>/`` when ``metrics.tensorboard``."""
+    url = storage.join(cfg.run_dir, "logs", f"{name}.jsonl")
+    jsonl = JsonlSink(url, keep=read_jsonl(url) if keep else None)
+    return Metrics([jsonl, *tensorboard_sinks(cfg, name)])
+
+
+def log_eval(metrics: Metrics, method: str, result) -> None:
+    """An EvalResult as scalars: ``eval/<method>/run_acc`` at step k for run k, and mean, std,
+    easy_acc, hard_acc and coverage at step 0 (accuracies in [0, 1])."""
+    for k, acc in enumerate(result.accuracies):
+        metrics.log(step=k, method=method, **{f"eval/{method}/run_acc": acc})
+    summary = {f"eval/{method}/{key}": getattr(result, key)
+               for key in ("mean", "std", "easy_acc", "hard_acc", "coverage")
+               if getattr(result, key) is not None}
+    metrics.log(step=0, method=method, **summary)
 
 
 class Metrics:

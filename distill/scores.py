@@ -24,7 +24,7 @@ import torch
 
 from distill import storage
 from distill.config import RunConfig
-from distill.data import Dataset, get_info
+from distill.data import Dataset, DatasetNotFoundError, get_info
 from distill.experts import ExpertResult, forgetting_counts
 
 
@@ -101,7 +101,10 @@ def import_scores(url: str, kind: str, ds: Dataset, *, key: str = "scores") -> S
         values = loaded
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     n = len(ds.y_train)
-    full = get_info(ds.info.name).train_size
+    try:
+        full = get_info(ds.info.name).train_size
+    except DatasetNotFoundError:  # imagefolder: its facts need its root; the loaded set is all
+        full = None
     if len(values) == full and n != full and ds.train_index is not None:
         # Scores for the full training set, data.train_per_class subset loaded: pick its rows.
         keep = ds.train_index.numpy()

@@ -7,9 +7,11 @@ got 1.5"); :func:`validate_config` raises one :class:`ConfigError` listing them 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from distill.config import ConfigError, RunConfig, batch_syn
+from distill.imagefolder import MalformedFolderError
 
 EXPERT_AUGMENTS = ("dsa", "none")
 DISTILL_AUGMENTS = ("dsa", "none")
@@ -51,7 +53,9 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     if _choice(problems, "data.name", cfg.data.name, data_mod.dataset_names()):
         try:
             info = data_mod.get_info(cfg.data.name, train_per_class=cfg.data.train_per_class,
-                                     options=cfg.data.options)
+                                     options=cfg.data.options, root=cfg.data.root)
+        except (data_mod.DatasetNotFoundError, MalformedFolderError) as err:
+            problems.append(f"data.root: {err}")  # only imagefolder reads files here
         except ValueError as err:
             problems.append(f"data.options: {err}")
     _range(problems, "data.train_per_class", cfg.data.train_per_class, 1)
@@ -146,6 +150,8 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _range(problems, "eval.weight_decay", ev.weight_decay, 0)
     _range(problems, "eval.batch_size", ev.batch_size, 1)
     _choice(problems, "eval.augment", ev.augment, EVAL_AUGMENTS)
+    _range(problems, "eval.num_cpus", ev.num_cpus, 0)
+    _range(problems, "eval.num_gpus", ev.num_gpus, 0)
 
     t = cfg.tune
     _range(problems, "tune.beta_step", t.beta_step, 0, 1, lo_open=True)
@@ -160,6 +166,10 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _range(problems, "tune.max_concurrent", t.max_concurrent, 1)
     _range(problems, "tune.num_cpus", t.num_cpus, 0)
     _range(problems, "tune.num_gpus", t.num_gpus, 0)
+
+    if cfg.metrics.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("metrics.tensorboard is true but the tensorboard package is not "
+                        "installed (pip install tensorboard, or selmatch's [tensorboard] extra)")
 
     if problems:
         raise ConfigError(problems)

@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
             "launch.pipeline:cmd_run"),
     "tune": ("App. E search: beta, then alpha at the best beta, on Ray Tune (tune/selected.yaml)",
              "tune.main:cmd_tune"),
+    "estimate": ("memory per rank, storage, communication and time of the matching step",
+                 "launch.estimate:cmd_estimate"),
 }
 
 
@@ -63,12 +65,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
-    if name in ("experts", "run"):
+    if name in ("experts", "run", "evaluate"):
         p.add_argument("--workers", type=int, default=None,
                        help="parallel Ray workers (0 = train in-process without Ray; default: Ray decides)")
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
     if name == "distill":
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    if name == "estimate":
+        p.add_argument("--gpus", type=int, default=1, help="ranks (GPUs) sharing each step")
+        p.add_argument("--device-memory", default=None,
+                       help="memory per device, e.g. 80GiB or 141GB (default: this machine's)")
+        p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                       help="whose coefficients and profiles to use (default cuda)")
     if name == "tune":
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
         p.add_argument("--no-ray", action="store_true",
@@ -104,10 +112,13 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError([f"data list takes no overrides, got {' '.join(overrides)}"])
     rows = []
     for name in data.dataset_names():
-        info = data.get_info(name)
         ok, where = data.dataset_status(name)
-        shape = "x".join(str(s) for s in info.image_shape)
-        rows.append((name, "yes" if ok else "no", str(info.num_classes), shape, where))
+        try:
+            info = data.get_info(name)
+            classes, shape = str(info.num_classes), "x".join(str(s) for s in info.image_shape)
+        except data.DatasetNotFoundError:  # imagefolder: its facts are its files (data.root)
+            classes, shape = "-", "-"
+        rows.append((name, "yes" if ok else "no", classes, shape, where))
     header = ("dataset", "available", "classes", "shape", "where / how to get it")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
     for row in [header] + rows:

@@ -19,6 +19,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
+from distill import storage
 from distill.config import RunConfig, save_config
 from distill.data import Dataset, load_configured
 from distill.experts import train_expert
@@ -37,6 +38,13 @@ def train_and_save(cfg: RunConfig, ds: Dataset, expert_id: int, progress: bool =
     return ExpertStore(cfg).save(result)
 
 
+def train_on_ray(cfg: RunConfig, ds: Dataset, expert_id: int) -> dict:
+    """``train_and_save`` as a Ray task; the manifest entry also names the node it ran on."""
+    import ray
+
+    return {**train_and_save(cfg, ds, expert_id), "node": ray.get_runtime_context().get_node_id()}
+
+
 def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str | None = None,
                 progress: bool = True) -> dict:
     """Train every missing expert; returns the manifest. ``workers=0`` trains without Ray."""
@@ -52,6 +60,7 @@ def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str 
     log.info("%d of %d experts present; training %d (%s)", done, cfg.experts.num_experts,
              len(missing), "in-process" if workers == 0 else "Ray")
     ds = load_configured(cfg.data)
+    storage.write_json(storage.join(cfg.run_dir, "data.json"), ds.describe())
     bar = tqdm(total=len(missing), desc="experts", disable=not progress)
     if workers == 0:
         for expert_id in missing:
@@ -80,7 +89,7 @@ def _run_on_ray(cfg: RunConfig, ds: Dataset, missing: list[int], store: ExpertSt
     started = init_ray(address)
     try:
         task = ray.remote(num_cpus=cfg.experts.num_cpus, num_gpus=cfg.experts.num_gpus,
-                          max_retries=1)(train_and_save)
+                          max_retries=1)(train_on_ray)
         ds_ref = ray.put(ds)
         limit = workers or len(missing)
         queue = list(missing)

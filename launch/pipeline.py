@@ -23,13 +23,16 @@ from distill.baselines import baseline_set, window_search
 from distill.config import RunConfig, config_hash, dump_yaml, save_config
 from distill.data import Dataset, load_configured
 from distill.distiller import resume_hash
-from distill.evaluate import Reference, evaluate_config
+from distill.estimate import log_summary
+from distill.evaluate import Reference
 from distill.experts import expert_network
 from distill.main import run_distill
+from distill.metrics import log_eval, run_metrics
 from distill.report import write_report
 from distill.scores import load_scores, scores_exist
 from distill.synset import load_synset
 from distill.trajectories import ExpertStore
+from launch.evaluate import ImageSet, evaluate_sets
 from launch.experts import run_experts
 from launch.scores import run_scores
 
@@ -101,8 +104,11 @@ def _reference(cfg: RunConfig, ds: Dataset) -> Reference:
     return Reference.from_expert(expert_network(cfg, ds, expert, device=_device()), ds)
 
 
-def _stage_evaluate(cfg: RunConfig, ds: Dataset, methods: list[str]) -> None:
-    reference = None
+def _stage_evaluate(cfg: RunConfig, ds: Dataset, methods: list[str], *,
+                    workers: int | None = None, ray_address: str | None = None) -> None:
+    """Evaluate every method whose result is missing or stale; their runs go out together
+    (Ray tasks, or in-process with ``workers=0``: launch/evaluate.py)."""
+    stale = {}
     for method in methods:
         synset_url = storage.join(cfg.run_dir, "synset", f"{method}.pt")
         out = storage.join(cfg.run_dir, "eval", f"{method}.json")
@@ -110,16 +116,24 @@ def _stage_evaluate(cfg: RunConfig, ds: Dataset, methods: list[str]) -> None:
         if storage.exists(out) and storage.read_json(out).get("fingerprint") == fingerprint:
             log.info("evaluate %s: present, skipped", method)
             continue
-        reference = reference or _reference(cfg, ds)
         synset, _ = load_synset(cfg.run_dir, method)
-        images = synset.images().detach()
-        res = evaluate_config(images, synset.labels, ds, cfg.eval, is_distilled=synset.is_distilled,
-                              seed=cfg.seed, device=_device(), reference=reference)
+        stale[method] = (ImageSet(synset.images().detach(), synset.labels, synset.is_distilled),
+                         fingerprint, out)
+    if not stale:
+        return
+    results = evaluate_sets(cfg, ds, {m: v[0] for m, v in stale.items()},
+                            reference=_reference(cfg, ds), workers=workers,
+                            ray_address=ray_address)
+    metrics = run_metrics(cfg, "eval", keep=True)
+    for method, res in results.items():
+        images, fingerprint, out = stale[method]
         record = {**res.to_dict(), "method": method, "fingerprint": fingerprint,
-                  "n_distilled": int(synset.is_distilled.sum())}
+                  "n_distilled": int(images.is_distilled.sum())}
         storage.write_json(out, record)
+        log_eval(metrics, method, res)
         log.info("evaluate %s: %.2f ± %.2f %% over %d runs", method, 100 * res.mean,
                  100 * res.std, res.runs)
+    metrics.close()
 
 
 def run_pipeline(cfg: RunConfig, *, workers: int | None = None, ray_address: str | None = None,
@@ -133,7 +147,8 @@ def run_pipeline(cfg: RunConfig, *, workers: int | None = None, ray_address: str
     _stage_distill(cfg, "selmatch")
     _stage_distill(mtt_config(cfg), "mtt")
     _stage_baselines(cfg, ds, window["best_beta"])
-    _stage_evaluate(cfg, ds, [*BASELINES, "mtt", "selmatch"])
+    _stage_evaluate(cfg, ds, [*BASELINES, "mtt", "selmatch"], workers=workers,
+                    ray_address=ray_address)
     save_config(cfg)
     notes = [f"Dataset {cfg.data.name}, IPC {cfg.select.ipc} "
              f"({cfg.select.ipc * ds.info.num_classes} images, "
@@ -176,7 +191,8 @@ def cmd_evaluate(args, overrides: list[str]) -> int:
         raise FileNotFoundError(f"no synthetic sets in {storage.join(cfg.run_dir, 'synset')}; "
                                 f"create them with `selmatch distill` or `selmatch run`")
     save_config(cfg)
-    _stage_evaluate(cfg, load_configured(cfg.data), methods)
+    _stage_evaluate(cfg, load_configured(cfg.data), methods, workers=args.workers,
+                    ray_address=args.ray_address)
     for m in methods:
         print(storage.join(cfg.run_dir, "eval", f"{m}.json"))
     return 0
@@ -186,6 +202,7 @@ def cmd_run(args, overrides: list[str]) -> int:
     from launch.cli import resolve_config
 
     cfg = resolve_config(args, overrides)
+    log_summary(cfg, ranks=1, device=_device())
     command = "selmatch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(run_pipeline(cfg, workers=args.workers, ray_address=args.ray_address, command=command))
     return 0

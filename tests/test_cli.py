@@ -42,7 +42,8 @@ def test_data_list(capsys):
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
     assert rows["digits"] == "yes" and rows["synthetic"] == "yes"
     assert set(rows) == {"digits", "synthetic", "fashion_mnist", "mnist", "cifar10", "cifar100",
-                         "tinyimagenet"}
+                         "tinyimagenet", "imagefolder"}
+    assert rows["imagefolder"] == "no"  # no data.root given: its facts are its files
     if os.path.isdir("/usr/share/datasets/fashion-mnist"):
         assert rows["fashion_mnist"] == "yes"
 
@@ -101,7 +102,7 @@ def test_window_and_evaluate_commands(tmp_path, capsys):
     results = storage.read_json(f"{tmp_path}/window/results.json")
     assert results["betas"] == [0.0, 0.5] and results["best_beta"] in (0.0, 0.5)
     assert storage.exists(f"{tmp_path}/synset/window.pt")
-    assert main(["evaluate", "--config", str(path)]) == 0
+    assert main(["evaluate", "--config", str(path), "--workers", "0"]) == 0
     record = storage.read_json(f"{tmp_path}/eval/window.json")
     assert record["runs"] == 1 and record["epochs"] == 2 and record["coverage"] is not None
     assert main(["evaluate", "--config", str(path), "--run_dir", str(tmp_path / "empty")]) == 2

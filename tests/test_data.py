@@ -24,7 +24,7 @@ from distill.data import DatasetNotFoundError, dataset_status, get_info, load_da
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 ALL_NAMES = {"digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100",
-             "tinyimagenet"}
+             "tinyimagenet", "imagefolder"}
 
 
 def _pixels(ds: data.Dataset, x: torch.Tensor, scale: float) -> np.ndarray:
@@ -73,10 +73,12 @@ def test_static_info_needs_no_files():
     mnist = get_info("mnist", train_per_class=5500)  # smallest MNIST class has 5,421
     assert mnist.min_class_size == 5421 and mnist.train_size == 54_921
     assert get_info("fashion_mnist", train_per_class=10).train_size == 100
-    for name in ALL_NAMES:
+    for name in ALL_NAMES - {"imagefolder"}:  # an image folder's facts are its files
         info = get_info(name)
         assert len(info.mean) == len(info.std) == info.image_shape[0]
         assert info.how_to_get and info.description
+    with pytest.raises(DatasetNotFoundError, match="data.root is required"):
+        get_info("imagefolder")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,13 +37,17 @@ def test_pipeline_end_to_end_and_resume(tmp_path, monkeypatch):
 
     # a second run redoes nothing expensive
     calls = []
-    for name in ("window_search", "run_distill", "evaluate_config"):
+    for name in ("window_search", "run_distill"):
         real = getattr(pipeline, name)
         monkeypatch.setattr(pipeline, name,
                             lambda *a, _real=real, _n=name, **k: (calls.append(_n), _real(*a, **k))[1])
+    evaluated = []
+    real_sets = pipeline.evaluate_sets
+    monkeypatch.setattr(pipeline, "evaluate_sets", lambda cfg, ds, sets, **k: (
+        calls.append("evaluate_sets"), evaluated.extend(sets), real_sets(cfg, ds, sets, **k))[2])
     run_pipeline(cfg, workers=0)
     assert calls == []
     # changed evaluation settings redo the window search and the evaluations, not distillation
     run_pipeline(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, runs=1)), workers=0)
-    assert sorted(set(calls)) == ["evaluate_config", "window_search"]
-    assert calls.count("evaluate_config") == 5
+    assert sorted(set(calls)) == ["evaluate_sets", "window_search"]
+    assert sorted(evaluated) == ["mtt", "random", "selmatch", "topk", "window"]

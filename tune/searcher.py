@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.search import Searcher
 
@@ -108,6 +109,7 @@ def _report_trial(config: dict, *, param: str, fn: Callable[[float], dict], metr
         tune.report({metric: math.nan, "error": f"{type(err).__name__}: {err}",
                      _KEYS: f"{metric},error"})
         raise
+    out = {**out, "node": ray.get_runtime_context().get_node_id()}  # where it ran (trials.jsonl)
     tune.report({**out, _KEYS: ",".join(out)})
 
 

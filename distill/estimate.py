@@ -1,0 +1,421 @@
+"""What a run will need before it starts: memory of the matching step, storage, communication,
+FLOPs (``selmatch estimate``; ``selmatch run`` and ``distill`` log the one-line summary).
+
+The replay (distill/matching.py) keeps one BN group's graph alive at a time, so the peak memory of
+a rank is a sum of terms that can be written down:
+
+    activations      c_act · g · A · s        one BN group's double-backward graph
+    θ_0 … θ_N        (N + 1) · P · s          the stored parameter vectors
+    other P vectors  c_P · P · s              θ*_{t+M}, λ, H·λ, the step gradient, the weights
+    synthetic set    n · D · s (+ n · D · s)  the set (+ the copy matched in joint mode)
+    image gradient   n_m · D · s              ∂L/∂X for every matched row
+    learnable rows   2 · n_d · D · s          their .grad and SGD momentum
+    runtime          a constant per device    (library workspaces, lazily loaded kernels)
+
+with g the BN group, N the student steps, P the student's parameters, A the number of elements
+its convolutions output per sample, D = C·H·W, n the synthetic set, n_m the matched rows, n_d the
+learnable rows and s the dtype size (4 bytes). Only c_act, c_P and the runtime constant are not
+read off the code; they live in :data:`COEFFICIENTS`. The FLOPs are not modelled: they are
+counted by running one group's step and replay step on the meta device under PyTorch's
+``FlopCounterMode`` (instant, exact for the convolutions and matmuls of this code).
+
+Not counted: the CUDA context (a few hundred MiB outside PyTorch's allocator), which
+:data:`HEADROOM` leaves room for, and on CPU the interpreter, the loaded dataset and the
+expert-trajectory cache (host memory, reported separately).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GIB = 2.0 ** 30
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Coefficients:
+    activation: float
+    """c_act: dtype-sized words kept by one group's replay graph, per sample and per element that
+    the student's convolutions output (so bytes = c_act · g · A · s)."""
+    runtime_bytes: float
+    """Allocations that do not grow with the problem (workspaces, lazily initialised kernels)."""
+    param_vectors: float = 6.0
+    """c_P: P-sized vectors alive besides θ_0…θ_N (target, λ, H·λ, step gradient and its
+    autograd buffer, the student's own weights), counted in distill/matching.py."""
+
+
+# Where the numbers come from (bench/results/memory_model_cpu.md has the measurements, the fit
+# and the held-out comparison; `python bench/memory_model.py --fit` redoes them):
+#  - activation 11.3: least-squares fit (11.29) of the step memory measured on CPU for the four
+#    calibration settings of bench/memory_model.py (replay, ConvNet-BN width 32-128, 32×32 RGB,
+#    g = 32-128), with glibc's mmap threshold fixed so that freed tensors leave the RSS. The same
+#    value predicts the nine held-out CPU settings within 2% and the H200 replay-prototype
+#    anchors of DESIGN.md §4 (|b| = 500 … 5000) within 4%.
+#  - cpu runtime 39 MiB: the intercept of that fit (oneDNN primitives, kornia and autograd state
+#    that the first step loads).
+#  - cuda runtime 0.144 GiB: DESIGN.md §4's |b| = g = 125 anchor (1.18 GiB) minus the modelled
+#    terms (cuDNN/cuBLAS workspaces); the other four anchors are held out.
+# The fast matching path (distill/kernels.py, in progress) may keep less activation memory:
+# recalibrate with `python bench/memory_model.py --fit --method fast` when it lands.
+COEFFICIENTS: dict[str, Coefficients] = {
+    "cpu": Coefficients(activation=11.3, runtime_bytes=39 * 2.0 ** 20),
+    "cuda": Coefficients(activation=11.3, runtime_bytes=0.144 * GIB),
+}
+DEVICES = tuple(COEFFICIENTS)
+
+HEADROOM = 0.10
+"""Share of the device memory kept free when checking a fit: the CUDA context and allocator
+fragmentation are not in the model (a policy, not a measurement)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The network: parameters, conv output elements and FLOPs, from the meta device
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Network:
+    """The student network as `build_model` takes it."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    image_size: int
+    width: int
+    depth: int | None
+    norm: str
+
+    def build(self) -> torch.nn.Module:
+        from distill.models import build_model
+
+        with torch.device("meta"):
+            return build_model(self.name, in_channels=self.in_channels,
+                               num_classes=self.num_classes, image_size=self.image_size,
+                               width=self.width, depth=self.depth, norm=self.norm)
+
+
+@functools.lru_cache(maxsize=64)
+def network_facts(net: Network) -> tuple[int, int]:
+    """(P, A): parameters, and elements output by the convolutions per sample."""
+    model = net.build()
+    outputs: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out[0].numel()))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    model(torch.zeros(1, net.in_channels, net.image_size, net.image_size, device="meta"))
+    for h in hooks:
+        h.remove()
+    return sum(p.numel() for p in model.parameters()), sum(outputs)
+
+
+@functools.lru_cache(maxsize=64)
+def group_flops(net: Network, group: int) -> tuple[int, int]:
+    """FLOPs of one BN group in a forward step (loss + ∇θ) and in a replay step (loss, ∇θ with
+    create_graph, then ∇ of g·λ w.r.t. θ and the images), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distill.models import ParamLayout, functional_forward
+
+    model = net.build().train()
+    layout = ParamLayout.of(model)
+    buffers = dict(model.named_buffers())
+    # non-leaf inputs: FlopCounterMode's hooks refuse leaves in a double backward
+    theta = torch.zeros(layout.numel, device="meta", requires_grad=True) * 1
+    x = torch.zeros(group, net.in_channels, net.image_size, net.image_size, device="meta",
+                    requires_grad=True) * 1
+    y = torch.zeros(group, dtype=torch.long, device="meta")
+
+    def loss() -> torch.Tensor:
+        out = functional_forward(model, theta, x, layout, buffers=buffers)
+        return F.cross_entropy(out, y, reduction="sum") / group
+
+    with FlopCounterMode(display=False) as forward:
+        torch.autograd.grad(loss(), theta)
+    with FlopCounterMode(display=False) as replay:
+        g = torch.autograd.grad(loss(), theta, create_graph=True)[0]
+        torch.autograd.grad((g * torch.ones_like(g)).sum(), [theta, x])
+    return forward.get_total_flops(), replay.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------
+# One matching step's shape and its memory
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatchingShape:
+    """Everything the model needs about one matching step."""
+
+    net: Network
+    batch: int          # |b|
+    group: int          # g
+    steps: int          # N
+    n_images: int       # the synthetic set on the device
+    n_matched: int      # rows matched (the whole set; D_distill alone in merge mode)
+    n_learnable: int    # rows with a gradient and momentum
+    joint: bool         # the matched rows are a copy of the set (joint mode)
+    dsa: bool = True    # DSA on each student minibatch (time profiles are matched on it)
+    dtype_bytes: int = 4
+
+    @property
+    def groups(self) -> int:
+        return self.batch // self.group
+
+    @property
+    def params(self) -> int:
+        return network_facts(self.net)[0]
+
+    @property
+    def image_numel(self) -> int:
+        return self.net.in_channels * self.net.image_size ** 2
+
+    def with_group(self, group: int) -> MatchingShape:
+        from dataclasses import replace
+
+        return replace(self, group=group)
+
+
+def shape_from_config(cfg, info=None) -> MatchingShape:
+    """The matching step of a :class:`RunConfig` (dataset facts from the registry, no files)."""
+    from distill.config import batch_syn
+    from distill.data import get_info
+    from distill.selection import split_counts
+
+    if info is None:
+        info = get_info(cfg.data.name, train_per_class=cfg.data.train_per_class,
+                        options=cfg.data.options, root=cfg.data.root)
+    c, h, _ = info.image_shape
+    k = info.num_classes
+    n = cfg.select.ipc * k
+    n_d = split_counts(cfg.select.ipc, cfg.distill.alpha)[1] * k
+    merge = cfg.distill.mode == "merge"
+    n_matched = n_d if merge else n
+    batch = min(batch_syn(cfg, k), n_matched)
+    net = Network(name=cfg.model.name, in_channels=c, num_classes=k, image_size=h,
+                  width=cfg.model.width, depth=cfg.model.depth, norm=cfg.model.norm)
+    return MatchingShape(net=net, batch=batch, group=cfg.distill.bn_group or batch,
+                         steps=cfg.distill.syn_steps, n_images=n, n_matched=n_matched,
+                         n_learnable=n_d, joint=not merge, dsa=cfg.distill.augment == "dsa")
+
+
+def memory(shape: MatchingShape, device: str = "cuda") -> dict[str, float]:
+    """Peak bytes of one rank's matching step, by component (see the module docstring)."""
+    if device not in COEFFICIENTS:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    co, s = COEFFICIENTS[device], shape.dtype_bytes
+    params, act = network_facts(shape.net)
+    d = shape.image_numel
+    return {
+        "activations": co.activation * shape.group * act * s,
+        "parameter vectors": (shape.steps + 1 + co.param_vectors) * params * s,
+        "synthetic set": (shape.n_images + (shape.n_matched if shape.joint else 0)) * d * s,
+        "image gradient": shape.n_matched * d * s,
+        "learnable rows' grad + momentum": 2 * shape.n_learnable * d * s,
+        "runtime": co.runtime_bytes,
+    }
+
+
+def peak_bytes(shape: MatchingShape, device: str = "cuda") -> float:
+    return sum(memory(shape, device).values())
+
+
+def fitting_group(shape: MatchingShape, budget: float, device: str = "cuda") -> int | None:
+    """The largest BN group size dividing |b| whose peak fits in ``budget`` bytes (None: none)."""
+    for g in sorted((d for d in range(1, shape.batch + 1) if shape.batch % d == 0), reverse=True):
+        if peak_bytes(shape.with_group(g), device) <= budget:
+            return g
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Communication, storage, FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def rank_share(groups: int, ranks: int) -> int:
+    """Groups the busiest rank processes per step (distill.matching.rank_groups)."""
+    return -(-groups // ranks)
+
+
+def communication(shape: MatchingShape, ranks: int) -> dict[str, float]:
+    """Per outer iteration: what is all-reduced (docs/distributed.md §2) and, for a ring
+    all-reduce, what each rank sends: 2(R−1)/R of the payload. Zero for one rank."""
+    s = shape.dtype_bytes
+    payload = 2 * shape.steps * shape.params * s + (shape.n_matched * shape.image_numel + 1) * s
+    calls = 2 * shape.steps + 2
+    sent = 0.0 if ranks <= 1 else 2 * (ranks - 1) / ranks * payload
+    return {"payload_bytes": payload, "all_reduces": calls, "sent_per_rank_bytes": sent}
+
+
+def expert_storage(num_experts: int, epochs: int, params: int, dtype_bytes: int = 4) -> float:
+    """Bytes of the expert trajectories: experts × (E + 1) × P × 4."""
+    return num_experts * (epochs + 1) * params * dtype_bytes
+
+
+def iteration_flops(shape: MatchingShape, ranks: int = 1) -> tuple[float, float]:
+    """(all ranks, busiest rank) FLOPs of one outer iteration: N forward steps and N replay
+    steps, each over the rank's groups."""
+    forward, replay = group_flops(shape.net, shape.group)
+    per_group = shape.steps * (forward + replay)
+    return per_group * shape.groups, per_group * rank_share(shape.groups, ranks)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 2.0 ** 20), ("KiB", 2.0 ** 10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_flops(n: float) -> str:
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2 ** 10, "m": 1e6, "mb": 1e6, "mib": 2 ** 20,
+          "g": 1e9, "gb": 1e9, "gib": 2 ** 30, "t": 1e12, "tb": 1e12, "tib": 2 ** 40}
+
+
+def parse_size(text: str) -> float:
+    """'80GiB', '80 GB', '141G', '4096MiB' or a number of bytes -> bytes (G = 10^9, GiB = 2^30)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"device memory must be a positive size such as 80GiB, 141GB or "
+                         f"4096MiB (units: {', '.join(u for u in _UNITS if u)}); got {text!r}")
+    return float(m.group(1)) * _UNITS[unit]
+
+
+def host_memory_available() -> float | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(ln.split()[1]) * 1024.0 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def device_memory_here(device: str, index: int = 0) -> float | None:
+    """Total memory of this machine's CUDA device, or the host's available memory on CPU."""
+    if device == "cpu":
+        return host_memory_available()
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(index).total_memory)
+    return None
+
+
+def usable(device_memory: float) -> float:
+    return device_memory * (1 - HEADROOM)
+
+
+
+# --------------------------------------------------------------------------------------------
+# A run's estimate
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunEstimate:
+    shape: MatchingShape
+    device: str
+    ranks: int
+    memory: dict[str, float]        # per rank, by component
+    device_memory: float | None     # bytes the check used (None: no check)
+    suggested_group: int | None     # when it does not fit: the largest g that does
+    experts_storage: float          # all expert trajectories
+    host_cache: float               # trajectories the distiller keeps in host memory
+    comm: dict[str, float]
+    flops: tuple[float, float]      # per iteration: all ranks, busiest rank
+    time: object | None             # distill.profiles.TimeEstimate
+    iterations: int
+    warnings: tuple[str, ...]
+
+    @property
+    def peak(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.peak <= usable(self.device_memory)
+
+
+def estimate_run(cfg, *, ranks: int = 1, device: str = "cuda", device_memory: float | None = None,
+                 profiles: list | None = None, info=None) -> RunEstimate:
+    """Memory, storage, communication, FLOPs and (with a matching profile) time of ``cfg``'s
+    distillation on ``ranks`` ranks of ``device`` (cpu or cuda)."""
+    from distill.distiller import TrajectoryCache
+    from distill.profiles import iteration_time, load_profiles
+
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks (--gpus) must be an integer >= 1, got {ranks!r}")
+    shape = shape_from_config(cfg, info)
+    mem = memory(shape, device)
+    warnings, suggested = [], None
+    if device_memory is not None and sum(mem.values()) > usable(device_memory):
+        suggested = fitting_group(shape, usable(device_memory), device)
+        if suggested is None:
+            warnings.append(
+                f"does not fit: even g = 1 needs {fmt_bytes(peak_bytes(shape.with_group(1), device))}"
+                f" of the "
+                f"{fmt_bytes(usable(device_memory))} usable; lower distill.syn_steps, the IPC "
+                f"or use a device with more memory")
+        else:
+            warnings.append(
+                f"does not fit: {fmt_bytes(sum(mem.values()))} > {fmt_bytes(usable(device_memory))}"
+                f" usable ({fmt_bytes(device_memory)} less {HEADROOM:.0%} headroom); "
+                f"--distill.bn_group {suggested} fits (g is part of the math: it changes the "
+                f"result, the number of ranks does not)")
+    if shape.groups < ranks:
+        warnings.append(f"{ranks - shape.groups} of {ranks} ranks idle: |b|/g = {shape.groups} "
+                        f"group(s) per step; set distill.bn_group <= {shape.batch // ranks} to "
+                        f"use them all")
+    params = shape.params
+    trajectory = expert_storage(1, cfg.experts.epochs, params)
+    time = iteration_time(shape, ranks, device,
+                          load_profiles() if profiles is None else profiles)
+    return RunEstimate(
+        shape=shape, device=device, ranks=ranks, memory=mem, device_memory=device_memory,
+        suggested_group=suggested,
+        experts_storage=expert_storage(cfg.experts.num_experts, cfg.experts.epochs, params),
+        host_cache=min(TrajectoryCache.SIZE, cfg.experts.num_experts) * trajectory,
+        comm=communication(shape, ranks), flops=iteration_flops(shape, ranks), time=time,
+        iterations=cfg.distill.iterations, warnings=tuple(warnings))
+
+
+def summary_line(e: RunEstimate) -> str:
+    """One line: peak per rank (and the fit), storage, communication, time or FLOPs."""
+    s = e.shape
+    fit = ""
+    if e.fits is not None:
+        fit = (f" of {fmt_bytes(e.device_memory)}" +
+               ("" if e.fits else f", DOES NOT FIT (try --distill.bn_group {e.suggested_group})"
+                if e.suggested_group else ", DOES NOT FIT"))
+    speed = (f"~{e.time.seconds:.3g} s/iteration (measured profile)" if e.time is not None
+             else f"{fmt_flops(e.flops[1])}/iteration per rank")
+    comm = (f", {fmt_bytes(e.comm['sent_per_rank_bytes'])} sent per rank and iteration"
+            if e.ranks > 1 else "")
+    return (f"estimate ({e.device}, {e.ranks} rank(s), |b| {s.batch}, g {s.group}, N {s.steps}): "
+            f"matching step peak {fmt_bytes(e.peak)} per rank{fit}; expert trajectories "
+            f"{fmt_bytes(e.experts_storage)}{comm}; {speed}")
+
+
+def log_summary(cfg, *, ranks: int, device: str) -> None:
+    """Log the one-line summary (and warnings) at the start of ``selmatch run`` / ``distill``;
+    an estimate that cannot be made is a warning, never fatal."""
+    try:
+        e = estimate_run(cfg, ranks=ranks, device=device,
+                         device_memory=device_memory_here(device))
+    except (ValueError, RuntimeError, FileNotFoundError, NotImplementedError) as err:
+        log.warning("estimate unavailable: %s", err)
+        return
+    log.info("%s", summary_line(e))
+    for w in e.warnings:
+        log.warning("estimate: %s", w)

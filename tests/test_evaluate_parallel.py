@@ -1,0 +1,71 @@
+"""Evaluation runs as Ray tasks give the same numbers as in-process runs (launch/evaluate.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.data import load_configured
+from distill.evaluate import Reference, evaluate_config
+from distill.synset import load_synset
+from launch.evaluate import ImageSet, _threads, evaluate_sets, num_gpus
+from launch.pipeline import _stage_baselines
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from tiny import prepare, tiny_config
+
+    run_dir = tmp_path_factory.mktemp("evalpar")
+    cfg = prepare(tiny_config(run_dir, eval={"model": "convnet", "runs": 3, "epochs": 3,
+                                             "batch_size": 16, "num_cpus": 1}))
+    ds = load_configured(cfg.data)
+    _stage_baselines(cfg, ds, best_beta=0.2)
+    sets = {}
+    for method in ("random", "window"):
+        s, _ = load_synset(cfg.run_dir, method)
+        sets[method] = ImageSet(s.images().detach(), s.labels, s.is_distilled)
+    return cfg, ds, sets
+
+
+def test_ray_and_in_process_runs_are_identical(prepared, ray_local):
+    cfg, ds, sets = prepared
+    local = evaluate_sets(cfg, ds, sets, workers=0, progress=False)
+    on_ray = evaluate_sets(cfg, ds, sets, workers=None, progress=False)  # the fixture's Ray
+    assert set(local) == set(on_ray) == {"random", "window"}
+    for method in sets:
+        assert local[method].runs == 3 and len(local[method].accuracies) == 3
+        assert local[method].accuracies == on_ray[method].accuracies  # bitwise, run by run
+        assert local[method].to_dict() == on_ray[method].to_dict()
+    # the runs are independent trainings (seeded from (seed, run)), not copies of one
+    assert len(set(local["random"].accuracies)) > 1 or len(set(local["window"].accuracies)) > 1
+
+
+def test_in_process_matches_the_sequential_library_function(prepared):
+    cfg, ds, sets = prepared
+    reference = None
+    got = evaluate_sets(cfg, ds, {"window": sets["window"]}, workers=0, progress=False)["window"]
+    with _threads(cfg.eval.num_cpus):
+        want = evaluate_config(sets["window"].images, sets["window"].labels, ds, cfg.eval,
+                               is_distilled=sets["window"].is_distilled, seed=cfg.seed,
+                               reference=reference, progress=False)
+    assert got.to_dict() == want.to_dict()
+
+
+def test_reference_metrics_computed_in_the_driver(prepared):
+    from launch.pipeline import _reference
+
+    cfg, ds, sets = prepared
+    ref: Reference = _reference(cfg, ds)
+    res = evaluate_sets(cfg, ds, {"random": sets["random"]}, reference=ref, workers=0,
+                        progress=False)["random"]
+    assert res.coverage is not None and 0 <= res.coverage <= 1
+    assert res.easy_acc is not None and res.hard_acc is not None
+
+
+def test_bad_workers_and_gpu_default(prepared, monkeypatch):
+    cfg, ds, sets = prepared
+    with pytest.raises(ValueError, match="--workers must be >= 0, got -1"):
+        evaluate_sets(cfg, ds, sets, workers=-1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert num_gpus(cfg) == 1.0  # eval.num_gpus None: one GPU per run where there is CUDA
