@@ -1,10 +1,10 @@
 """What a run will need before it starts: memory of the matching step, storage, communication,
 FLOPs (``selmatch estimate``; ``selmatch run`` and ``distill`` log the one-line summary).
 
-The replay (distill/matching.py) keeps one BN group's graph alive at a time, so the peak memory of
+The replay (distill/matching.py) keeps one call's graph alive at a time, so the peak memory of
 a rank is a sum of terms that can be written down:
 
-    activations      c_act · g · A · s        one BN group's double-backward graph
+    activations      c_act · r · A · s        one call's double-backward graph, r rows
     θ_0 … θ_N        (N + 1) · P · s          the stored parameter vectors
     other P vectors  c_P · P · s              θ*_{t+M}, λ, H·λ, the step gradient, the weights
     synthetic set    n · D · s (+ n · D · s)  the set (+ the copy matched in joint mode)
@@ -12,7 +12,10 @@ a rank is a sum of terms that can be written down:
     learnable rows   2 · n_d · D · s          their .grad and SGD momentum
     runtime          a constant per device    (library workspaces, lazily loaded kernels)
 
-with g the BN group, N the student steps, P the student's parameters, A the number of elements
+with r the rows of one call (the eager path: one BN group, g; the compiled path: all the
+rank's groups, or ``distill.groups_per_call`` of them; a group spread over T ranks by
+``distill.group_ranks``: the rank's g/T share of each of its team's groups), N the student steps,
+P the student's parameters, A the number of elements
 its convolutions output per sample, D = C·H·W, n the synthetic set, n_m the matched rows, n_d the
 learnable rows and s the dtype size (4 bytes). Only c_act, c_P and the runtime constant are not
 read off the code; they live in :data:`COEFFICIENTS`. The FLOPs are not modelled: they are
@@ -60,8 +63,11 @@ class Coefficients:
 #    that the first step loads).
 #  - cuda runtime 0.144 GiB: DESIGN.md §4's |b| = g = 125 anchor (1.18 GiB) minus the modelled
 #    terms (cuDNN/cuBLAS workspaces); the other four anchors are held out.
-# The fast matching path (distill/kernels.py, in progress) may keep less activation memory:
-# recalibrate with `python bench/memory_model.py --fit --method fast` when it lands.
+# The compiled path (distill/student.py FastSteps) is modelled with the same activation
+# coefficient: not calibrated separately yet; on CPU it kept less (bench/results/
+# matching_cpu_cpu_fast.md: Δ 0.045 vs 0.101 GiB at 32 rows, width 64), so this errs high.
+# `python bench/memory_model.py --fit --method fast` calibrates it (about a minute of compiling
+# per setting on CPU).
 COEFFICIENTS: dict[str, Coefficients] = {
     "cpu": Coefficients(activation=11.3, runtime_bytes=39 * 2.0 ** 20),
     "cuda": Coefficients(activation=11.3, runtime_bytes=0.144 * GIB),
@@ -160,6 +166,23 @@ class MatchingShape:
     joint: bool         # the matched rows are a copy of the set (joint mode)
     dsa: bool = True    # DSA on each student minibatch (time profiles are matched on it)
     dtype_bytes: int = 4
+    ranks: int = 1                      # ranks sharing the step
+    group_ranks: int = 1                # ranks sharing each BN group (distill.group_ranks)
+    compiled: bool = False              # the compiled path runs (all groups of a rank per call)
+    groups_per_call: int | None = None  # compiled path: at most this many groups per call
+
+    @property
+    def rank_groups(self) -> int:
+        """Groups the busiest team processes per step."""
+        return -(-self.groups // max(self.ranks // self.group_ranks, 1))
+
+    @property
+    def rows_per_call(self) -> float:
+        """Rows whose graph is alive at once on the busiest rank."""
+        part = self.group / self.group_ranks
+        if self.compiled:
+            return min(self.rank_groups, self.groups_per_call or self.rank_groups) * part
+        return self.rank_groups * part if self.group_ranks > 1 else self.group
 
     @property
     def groups(self) -> int:
@@ -179,7 +202,7 @@ class MatchingShape:
         return replace(self, group=group)
 
 
-def shape_from_config(cfg, info=None) -> MatchingShape:
+def shape_from_config(cfg, info=None, *, ranks: int = 1, device: str = "cuda") -> MatchingShape:
     """The matching step of a :class:`RunConfig` (dataset facts from the registry, no files)."""
     from distill.config import batch_syn
     from distill.data import get_info
@@ -199,7 +222,19 @@ def shape_from_config(cfg, info=None) -> MatchingShape:
                   width=cfg.model.width, depth=cfg.model.depth, norm=cfg.model.norm)
     return MatchingShape(net=net, batch=batch, group=cfg.distill.bn_group or batch,
                          steps=cfg.distill.syn_steps, n_images=n, n_matched=n_matched,
-                         n_learnable=n_d, joint=not merge, dsa=cfg.distill.augment == "dsa")
+                         n_learnable=n_d, joint=not merge, dsa=cfg.distill.augment == "dsa",
+                         ranks=ranks, group_ranks=cfg.distill.group_ranks,
+                         compiled=compiled_path(cfg, net, device),
+                         groups_per_call=cfg.distill.groups_per_call)
+
+
+def compiled_path(cfg, net: Network, device: str) -> bool:
+    """Whether the distiller would run the compiled path (distill.student.use_fast_path)."""
+    from distill.student import use_fast_path
+
+    if cfg.distill.group_ranks > 1:
+        return False
+    return use_fast_path(cfg.distill.compile, net.build(), torch.device(device))[0]
 
 
 def memory(shape: MatchingShape, device: str = "cuda") -> dict[str, float]:
@@ -210,7 +245,7 @@ def memory(shape: MatchingShape, device: str = "cuda") -> dict[str, float]:
     params, act = network_facts(shape.net)
     d = shape.image_numel
     return {
-        "activations": co.activation * shape.group * act * s,
+        "activations": co.activation * shape.rows_per_call * act * s,
         "parameter vectors": (shape.steps + 1 + co.param_vectors) * params * s,
         "synthetic set": (shape.n_images + (shape.n_matched if shape.joint else 0)) * d * s,
         "image gradient": shape.n_matched * d * s,
@@ -224,10 +259,26 @@ def peak_bytes(shape: MatchingShape, device: str = "cuda") -> float:
 
 
 def fitting_group(shape: MatchingShape, budget: float, device: str = "cuda") -> int | None:
-    """The largest BN group size dividing |b| whose peak fits in ``budget`` bytes (None: none)."""
+    """The largest BN group size dividing |b| whose peak fits in ``budget`` bytes (None: none),
+    one group per call (``groups_per_call: 1`` on the compiled path)."""
+    from dataclasses import replace
+
     for g in sorted((d for d in range(1, shape.batch + 1) if shape.batch % d == 0), reverse=True):
-        if peak_bytes(shape.with_group(g), device) <= budget:
+        if g % shape.group_ranks:
+            continue
+        if peak_bytes(replace(shape, group=g, groups_per_call=1), device) <= budget:
             return g
+    return None
+
+
+def fitting_groups_per_call(shape: MatchingShape, budget: float,
+                            device: str = "cuda") -> int | None:
+    """Compiled path: the most BN groups per call (same g) whose peak fits (None: not even 1)."""
+    from dataclasses import replace
+
+    for k in range(shape.rank_groups, 0, -1):
+        if peak_bytes(replace(shape, groups_per_call=k), device) <= budget:
+            return k
     return None
 
 
@@ -248,7 +299,22 @@ def communication(shape: MatchingShape, ranks: int) -> dict[str, float]:
     payload = 2 * shape.steps * shape.params * s + (shape.n_matched * shape.image_numel + 1) * s
     calls = 2 * shape.steps + 2
     sent = 0.0 if ranks <= 1 else 2 * (ranks - 1) / ranks * payload
-    return {"payload_bytes": payload, "all_reduces": calls, "sent_per_rank_bytes": sent}
+    team = {"team_all_reduces": 0, "team_payload_bytes": 0.0}
+    if shape.group_ranks > 1:  # 4 per BN layer in a forward step, 8 in a replayed step
+        layers = network_bn_layers(shape.net)
+        team = {"team_all_reduces": 12 * layers * shape.steps,
+                "team_payload_bytes": 12 * shape.steps * shape.rank_groups * s
+                * network_bn_channels(shape.net)}
+    return {"payload_bytes": payload, "all_reduces": calls, "sent_per_rank_bytes": sent, **team}
+
+
+def network_bn_layers(net: Network) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.build().modules())
+
+
+def network_bn_channels(net: Network) -> int:
+    """Channels summed over the batch-norm layers (the floats of one group's statistics)."""
+    return sum(m.num_features for m in net.build().modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def expert_storage(num_experts: int, epochs: int, params: int, dtype_bytes: int = 4) -> float:
@@ -261,7 +327,9 @@ def iteration_flops(shape: MatchingShape, ranks: int = 1) -> tuple[float, float]
     steps, each over the rank's groups."""
     forward, replay = group_flops(shape.net, shape.group)
     per_group = shape.steps * (forward + replay)
-    return per_group * shape.groups, per_group * rank_share(shape.groups, ranks)
+    teams = max(ranks // shape.group_ranks, 1)
+    return (per_group * shape.groups,
+            per_group * rank_share(shape.groups, teams) // shape.group_ranks)
 
 
 def fmt_bytes(n: float) -> str:
@@ -356,10 +424,17 @@ def estimate_run(cfg, *, ranks: int = 1, device: str = "cuda", device_memory: fl
 
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"ranks (--gpus) must be an integer >= 1, got {ranks!r}")
-    shape = shape_from_config(cfg, info)
+    shape = shape_from_config(cfg, info, ranks=ranks, device=device)
     mem = memory(shape, device)
     warnings, suggested = [], None
-    if device_memory is not None and sum(mem.values()) > usable(device_memory):
+    per_call = fitting_groups_per_call(shape, usable(device_memory), device) \
+        if device_memory is not None and shape.compiled else None
+    if device_memory is not None and sum(mem.values()) > usable(device_memory) and per_call:
+        warnings.append(
+            f"does not fit: {fmt_bytes(sum(mem.values()))} > {fmt_bytes(usable(device_memory))} "
+            f"usable; --distill.groups_per_call {per_call} fits (fewer BN groups per compiled "
+            f"call: the result does not change)")
+    elif device_memory is not None and sum(mem.values()) > usable(device_memory):
         suggested = fitting_group(shape, usable(device_memory), device)
         if suggested is None:
             warnings.append(
@@ -373,10 +448,13 @@ def estimate_run(cfg, *, ranks: int = 1, device: str = "cuda", device_memory: fl
                 f" usable ({fmt_bytes(device_memory)} less {HEADROOM:.0%} headroom); "
                 f"--distill.bn_group {suggested} fits (g is part of the math: it changes the "
                 f"result, the number of ranks does not)")
-    if shape.groups < ranks:
-        warnings.append(f"{ranks - shape.groups} of {ranks} ranks idle: |b|/g = {shape.groups} "
-                        f"group(s) per step; set distill.bn_group <= {shape.batch // ranks} to "
-                        f"use them all")
+    teams = ranks // shape.group_ranks
+    if shape.groups < teams:
+        idle = (teams - shape.groups) * shape.group_ranks
+        warnings.append(f"{idle} of {ranks} ranks idle: |b|/g = {shape.groups} group(s) per "
+                        f"step for {teams} team(s) of {shape.group_ranks}; set distill.bn_group "
+                        f"<= {shape.batch // teams}, or distill.group_ranks to spread each group "
+                        f"over more ranks")
     params = shape.params
     trajectory = expert_storage(1, cfg.experts.epochs, params)
     time = iteration_time(shape, ranks, device,
@@ -402,7 +480,9 @@ def summary_line(e: RunEstimate) -> str:
              else f"{fmt_flops(e.flops[1])}/iteration per rank")
     comm = (f", {fmt_bytes(e.comm['sent_per_rank_bytes'])} sent per rank and iteration"
             if e.ranks > 1 else "")
-    return (f"estimate ({e.device}, {e.ranks} rank(s), |b| {s.batch}, g {s.group}, N {s.steps}): "
+    path = "compiled" if s.compiled else "eager"
+    return (f"estimate ({e.device}, {path} path, {e.ranks} rank(s), |b| {s.batch}, g {s.group}, "
+            f"N {s.steps}): "
             f"matching step peak {fmt_bytes(e.peak)} per rank{fit}; expert trajectories "
             f"{fmt_bytes(e.experts_storage)}{comm}; {speed}")
 

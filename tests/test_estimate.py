@@ -39,6 +39,32 @@ def shape(**kw) -> est.MatchingShape:
     return est.MatchingShape(**{**base, **kw})
 
 
+def test_rows_per_call_follow_the_path_and_the_teams():
+    one = est.memory(shape(batch=12, group=3), "cuda")["activations"]  # eager: one group of 3
+    compiled = shape(batch=12, group=3, compiled=True)  # 4 groups, one rank: all in one call
+    assert compiled.rows_per_call == 12
+    assert est.memory(compiled, "cuda")["activations"] == pytest.approx(4 * one)
+    assert shape(batch=12, group=3, compiled=True, groups_per_call=1).rows_per_call == 3
+    assert shape(batch=12, group=3, compiled=True, ranks=2).rows_per_call == 6  # 2 groups each
+    split = shape(batch=12, group=12, group_ranks=4, ranks=4)  # one group over four ranks
+    assert split.rows_per_call == 3
+    assert shape(batch=12, group=6, group_ranks=2, ranks=4).rows_per_call == 3  # 2 teams
+    assert shape(batch=12, group=6, group_ranks=2, ranks=2).rows_per_call == 6  # 2 groups, 3 each
+
+
+def test_compiled_path_suggests_fewer_groups_per_call():
+    s = shape(batch=12, group=3, compiled=True, ranks=1)
+    budget = est.peak_bytes(shape(batch=12, group=3, compiled=True, groups_per_call=2), "cuda")
+    assert est.fitting_groups_per_call(s, budget, "cuda") == 2
+    assert est.fitting_groups_per_call(s, 1.0, "cuda") is None
+
+
+def test_team_all_reduces_are_counted():
+    c = est.communication(shape(batch=12, group=12, group_ranks=2, ranks=2), 2)
+    assert c["team_all_reduces"] == 12 * 1 * 2  # 12 per BN layer and student step, N = 2
+    assert est.communication(shape(), 2)["team_all_reduces"] == 0
+
+
 def test_network_facts_by_hand():
     # conv 1->4 (3x3: 36 + 4), BN (4 + 4), 8x8 -> pool 4x4 -> linear 64->3 (192 + 3)
     assert est.network_facts(net()) == (36 + 4 + 8 + 192 + 3, 4 * 8 * 8)
@@ -186,7 +212,7 @@ def test_distill_logs_the_summary(tmp_path, caplog):
     cfg = prepare(tiny_config(tmp_path, distill={"iterations": 1}))
     with caplog.at_level(logging.INFO, logger="distill.estimate"):
         run_distill(cfg, progress=False)
-    assert any("estimate (cpu, 1 rank(s), |b| 8, g 8, N 3): matching step peak" in r.message
+    assert any("estimate (cpu, eager path, 1 rank(s), |b| 8, g 8, N 3): matching step peak" in r.message
                for r in caplog.records)
 
 
