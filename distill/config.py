@@ -113,6 +113,14 @@ class ScoresConfig:
     """Import scores from this .npy/.npz path or fsspec URL instead of computing them from experts."""
     key: str = "scores"
     """Array name inside an .npz file."""
+    topk: str = "forgetting"
+    """Score of the top-k baseline row (the paper's Table 1 "Forgetting": the IPC samples with the
+    most forgetting events per class). Taken from ``scores.topk_file`` when set, else the run's own
+    scores when ``scores.kind`` is the same, else computed from the experts; the report's row is
+    labelled with the score actually used."""
+    topk_file: str | None = None
+    """File with the ``scores.topk`` values (e.g. configs/scores/forgetting_CIFAR10.npy, the
+    release's forgetting scores); None = the run's scores or the experts."""
 
 
 @dataclass(kw_only=True)
@@ -146,7 +154,10 @@ class DistillConfig:
     lr_lr: float = 1e-5
     """Learning rate of the learnable student learning rate."""
     syn_lr_init: float | None = None
-    """Starting student learning rate; None = experts.lr (as MTT)."""
+    """Starting value of the learnable student learning rate. None = experts.lr, as MTT initialises
+    it (Cazenavette et al. 2022: syn_lr starts at the lr that trained the experts); the released
+    SelMatch code starts it at its ``lr_init`` argument instead (0.001 in its scripts). Every
+    shipped Table 5 config leaves it None, i.e. 0.01 = experts.lr."""
     momentum: float = 0.5
     """Momentum of the image and learning-rate optimisers."""
     mode: str = "joint"
@@ -160,6 +171,17 @@ class DistillConfig:
     check_every: int = 50
     """With several ranks, compare a checksum of the images, syn_lr and optimiser momenta across
     ranks every K iterations (and at the start and end); a mismatch raises DivergedRanksError."""
+    num_threads: int = 1
+    """CPU intra-op threads of the matching step (torch.set_num_threads while distilling). CPU
+    reductions, and so the last bits of the result, depend on the count: fixing it makes a run
+    resumed under another launcher (accelerate sets 1 thread, plain python all cores) bit-identical.
+    A resource, not part of what a result means: changing it does not make artifacts stale."""
+    max_image_ratio: float | None = 20.0
+    """Divergence guard: stop when the largest |value| of a learnable image exceeds this multiple
+    of the largest |value| of the real training images (model input space). None = off."""
+    max_loss_ratio: float | None = 20.0
+    """Divergence guard: stop when the matching loss exceeds this multiple of its starting value
+    (the mean loss of the first 5 iterations). None = off."""
 
 
 @dataclass(kw_only=True)
@@ -178,8 +200,14 @@ class EvalConfig:
     """SGD weight decay."""
     batch_size: int = 128
     """Training minibatch size."""
-    augment: str = "combined"
-    """combined (DSA on distilled rows, crop+flip on selected rows), dsa, simple or none."""
+    augment: str | None = None
+    """None = the paper's rule per row (§5.1): DSA for every selection and distillation baseline,
+    combined (DSA on distilled rows, crop+flip on selected rows) for SelMatch and the rows that
+    have both parts. A value (combined, dsa, simple or none) forces it on every row (ablations)."""
+    methods: list[str] | None = None
+    """Report rows to compute and evaluate (distill/methods.py lists them); None = the paper's set:
+    the selection baselines, Table 3's ablation rows and SelMatch. Rows not listed are not
+    computed (e.g. their distillation is skipped)."""
 
 
 @dataclass(kw_only=True)
@@ -190,8 +218,11 @@ class TuneConfig:
     """Grid step of the distillation-portion search."""
     beta_epoch_fraction: float | None = None
     """Fraction of the evaluation epochs per beta trial; None = 0.2 for CIFAR-10, else 0.1."""
-    alpha_iterations: int = 200
-    """Distillation iterations per alpha trial."""
+    alpha_fraction: float = 0.2
+    """Distillation iterations of an alpha trial as a fraction of distill.iterations (rounded,
+    at least 1). bench/results/alpha_budget.md measures how the alpha ranking changes with it."""
+    alpha_iterations: int | None = None
+    """Distillation iterations per alpha trial; None = tune.alpha_fraction x distill.iterations."""
     alpha_epoch_fraction: float | None = None
     """Fraction of the evaluation epochs per alpha trial; None = the beta trials' fraction."""
     val_fraction: float = 0.1
@@ -220,7 +251,12 @@ class RunConfig:
     run_dir: str = "runs/quickstart"
     """Run directory for every artifact (local path or fsspec URL)."""
     seed: int = 0
-    """Run seed; every random generator is derived from it and a position."""
+    """Run seed; every random generator is derived from it and a position. It also seeds the
+    experts, the scores and the window search, which every repetition in ``seeds`` shares."""
+    seeds: list[int] | None = None
+    """Repetition seeds of ``selmatch run``: selection, distillation and evaluation are repeated
+    with each, on the same experts, and the report pools seeds x evaluation runs. The repetition
+    of ``seed`` itself lives in run_dir, the others in run_dir/seeds/<s>/. None = [seed]."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     experts: ExpertConfig = field(default_factory=ExpertConfig)
@@ -242,7 +278,7 @@ SECTIONS = ("data", "model", "experts", "scores", "select", "distill", "eval", "
 def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     """Check ``value`` against a field annotation; returns (ok, coerced value).
 
-    Only the annotations used above are handled: str, int, float, bool, dict, X | None.
+    Only the annotations used above are handled: str, int, float, bool, dict, list[X], X | None.
     An int is accepted for a float field (YAML writes 1000 for 1000.0); a bool is never an int.
     """
     origin = typing.get_origin(annotation)
@@ -259,6 +295,17 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
         return False, value
     if origin is dict or annotation is dict:
         return isinstance(value, dict), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item,) = typing.get_args(annotation)
+        coerced = []
+        for v in value:
+            ok, c = _type_ok(v, item)
+            if not ok:
+                return False, value
+            coerced.append(c)
+        return True, coerced
     if annotation is bool:
         return isinstance(value, bool), value
     if annotation is int:
@@ -386,6 +433,12 @@ def load_config(path: str | None = None, overrides: list[str] | dict[str, Any] |
             text = storage.read_text(path)
         except FileNotFoundError as err:
             raise ConfigError([f"config file not found: {path}"]) from err
+        except IsADirectoryError as err:
+            raise ConfigError([f"--config {path} is a directory; give a YAML file "
+                               f"(e.g. configs/quickstart.yaml)"]) from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError([f"--config {path} cannot be read as a text file "
+                               f"({type(err).__name__}: {err})"]) from err
         try:
             data = _yaml_load(text) or {}
         except yaml.YAMLError as err:
@@ -433,6 +486,20 @@ def bn_group(cfg: RunConfig, num_classes: int) -> int:
 
 def batch_syn(cfg: RunConfig, num_classes: int) -> int:
     return cfg.distill.batch_syn or cfg.select.ipc * num_classes
+
+
+def rep_dir(cfg: RunConfig, seed: int) -> str:
+    """Where repetition ``seed`` lives: run_dir for the run seed, run_dir/seeds/<s> otherwise."""
+    from distill import storage
+
+    return cfg.run_dir if seed == cfg.seed else storage.join(cfg.run_dir, "seeds", str(seed))
+
+
+def repetitions(cfg: RunConfig) -> list[RunConfig]:
+    """One config per repetition seed (``seeds``, default ``[seed]``): ``seed`` = that seed and
+    ``run_dir`` = :func:`rep_dir`; experts, scores and the window search stay the run's."""
+    return [dataclasses.replace(cfg, seed=s, run_dir=rep_dir(cfg, s))
+            for s in (cfg.seeds or [cfg.seed])]
 
 
 def validate(cfg: RunConfig) -> RunConfig:

@@ -176,7 +176,13 @@ class DatasetSpec:
                 raise
             target = _expand(root if root is not None else f"{_CACHE}/{self.name}")
             log.info("%s: downloading into %s", self.name, target)
-            self.fetch(target)
+            try:
+                self.fetch(target)
+            except Exception as err:  # urllib, socket, http and archive errors alike
+                raise DatasetNotFoundError(
+                    f"{self.name}: data.download could not fetch the files into {target} "
+                    f"({type(err).__name__}: {err}). Without internet, bring the files and set "
+                    f"data.root instead: {self.info(opts).how_to_get}") from err
             where = self.locate([target])
         log.info("%s: reading %s", self.name, where)
         return _assemble(info, self.read(where, opts), train_per_class)

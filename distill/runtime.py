@@ -17,9 +17,11 @@ ONE process (Accelerate's simple launcher); two CPU ranks come from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import zlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,21 @@ def launched_world_size() -> int:
         if value.isdigit() and int(value) > 1:
             return int(value)
     return 1
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op CPU threads, restoring the count afterwards.
+
+    CPU reductions split work by thread, so the last bits of a result depend on the count; every
+    stage that promises bit-identical results (experts, distillation) runs under a count taken
+    from its config rather than from the launcher (accelerate sets 1 thread, python all cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class DivergedRanksError(RuntimeError):

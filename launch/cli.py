@@ -67,6 +67,10 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--workers", type=int, default=None,
                        help="parallel Ray workers (0 = train in-process without Ray; default: Ray decides)")
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
+    if name == "run":
+        p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                       help="repetition seeds (selection, distillation and evaluation repeated on "
+                            "the same experts; the report pools them); = the config field seeds")
     if name == "distill":
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     if name == "tune":
@@ -134,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"selmatch {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # unreadable/unwritable paths, no network: the message, no traceback
+        print(f"selmatch {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # a diverged distillation: the message says what to change
         print(f"selmatch {args.command}: {err}", file=sys.stderr)
