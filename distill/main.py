@@ -35,7 +35,7 @@ from distill.data import Dataset, load_configured
 from distill.distiller import Distiller, StaleCheckpointError, method_name
 from distill.freshness import stamp
 from distill.metrics import JsonlSink, Metrics, read_jsonl
-from distill.runtime import Runtime
+from distill.runtime import DivergedRanksError, Runtime
 from distill.scores import load_scores, scores_digest
 from distill.selection import make_selection
 from distill.synset import SyntheticSet
@@ -166,23 +166,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rt.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {rt.rank}] %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    ok = False
     try:
         cfg = load_config(args.config, overrides)
         run_distill(cfg, resume=args.resume, runtime=rt)
+        ok = True
     except (ConfigError, OSError, ValueError) as err:
         print(f"distill: {err}", file=sys.stderr)
         return 2
-    except FloatingPointError as err:  # diverged; the last good checkpoint is kept
+    except (FloatingPointError, DivergedRanksError) as err:  # the last good checkpoint is kept
         print(f"distill: {err}", file=sys.stderr)
         return 1
     finally:
-        rt.close()
+        rt.close(ok=ok)  # a barrier only when every rank got to the end
     return 0
 
 
 def cmd_distill(args, overrides: list[str]) -> int:
-    """``selmatch distill``: the same as running this file in one process."""
-    run_distill(load_config(args.config, overrides), resume=args.resume)
+    """``selmatch distill``: the same as running this file (one process, or one rank per process
+    under ``accelerate launch -m launch.cli distill``: the group is torn down here too)."""
+    cfg = load_config(args.config, overrides)
+    rt = Runtime.create()
+    ok = False
+    try:
+        run_distill(cfg, resume=args.resume, runtime=rt)
+        ok = True
+    finally:
+        rt.close(ok=ok)
     return 0
 
 

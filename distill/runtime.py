@@ -131,11 +131,26 @@ class Runtime:
                 f"rank {self.rank}: {what} differs between ranks (checksum {crc}, range "
                 f"{int(lo)}..{int(hi)}); the distilled sets would drift apart")
 
-    def close(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.end_training()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, *, ok: bool = True) -> None:
+        """Tear the process group down, once, in an order that cannot race.
+
+        ``ok`` (every rank got to the end): a barrier first, so no rank closes its connections
+        while another still has a collective in flight, then each rank destroys its group.
+        Not ``ok`` (this rank raised): no barrier, since the other ranks may be anywhere; the
+        group is destroyed at once, which makes their pending collectives fail fast instead of
+        waiting for the gloo timeout. Either way the group is destroyed before the interpreter
+        exits: a gloo group left to interpreter shutdown aborts the process ("terminate called
+        without an active exception") when its worker threads outlive Python."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        try:
+            if ok and self.distributed:
+                dist.barrier()
+        finally:
+            if self.accelerator is not None:
+                self.accelerator.end_training()  # trackers; destroys the group
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     def describe(self) -> str:
         return f"rank {self.rank} of world size {self.world_size} on {self.device}"

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 
 from distill.config import ConfigError, RunConfig, load_config
+from distill.runtime import DivergedRanksError
 
 # name -> (help, "module:function"); the handler is imported only when its command runs, so that
 # `selmatch --help` stays fast and Ray/DeepSpeed are imported only by the commands that use them.
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selmatch {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # a diverged distillation: the message says what to change
+        print(f"selmatch {args.command}: {err}", file=sys.stderr)
+        return 1
+    except DivergedRanksError as err:  # ranks drifted apart: a bug or a non-deterministic kernel
         print(f"selmatch {args.command}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -283,6 +283,15 @@ def test_refused_resume_leaves_every_file_as_it_was(prepared, tmp_path, capsys):
     assert changed == []
 
 
+def test_resume_past_the_requested_iterations_is_refused(prepared, tmp_path, capsys):
+    cfg = fresh(prepared, tmp_path, distill={"iterations": 4, "checkpoint_every": 2})
+    conf = config_file(cfg, tmp_path / "c.yaml")
+    assert run_cli(capsys, "distill", "--config", conf)[0] == 0
+    rc, err = run_cli(capsys, "distill", "--config", conf, "--distill.iterations", "2", "--resume")
+    assert rc == 2
+    assert "is at iteration 4, past distill.iterations = 2" in err and "without --resume" in err
+
+
 # --------------------------------------------------------------------------------------------
 # 7. Messages, not tracebacks, naming the field or the file
 # --------------------------------------------------------------------------------------------
