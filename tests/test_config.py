@@ -40,7 +40,7 @@ def test_every_config_validates(path):
     assert isinstance(cfg, RunConfig)
     # The file sets only known fields: loading it raw must not hit defaults for typos.
     raw = yaml.safe_load(open(path))
-    assert set(raw) <= {"run_dir", "seed", "data", "model", "experts", "scores", "select",
+    assert set(raw) <= {"run_dir", "seed", "seeds", "data", "model", "experts", "scores", "select",
                         "distill", "eval", "tune"}
     for path in (cfg.scores.file, cfg.scores.topk_file):
         if path:
