@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from distill.augment import AUGMENTS, build_augment, make_generator
 from distill.data import Dataset
 from distill.models import build_model
+from distill.runtime import cpu_threads
 
 __all__ = [
     "EvalResult", "Reference", "coverage", "eval_epochs", "evaluate_config", "evaluate_images",
@@ -408,6 +409,14 @@ def evaluate_config(images: Tensor, labels: Tensor, ds: Dataset, eval_cfg, *,
     `eval_cfg.augment`, else combined (DSA on `is_distilled` rows, crop + flip on the others).
     """
     augment = augment or eval_cfg.augment or "combined"
+    with cpu_threads(eval_cfg.num_threads):
+        return _evaluate_config(images, labels, ds, eval_cfg, is_distilled=is_distilled, seed=seed,
+                                device=device, reference=reference, runs=runs, epochs=epochs,
+                                augment=augment, progress=progress)
+
+
+def _evaluate_config(images, labels, ds, eval_cfg, *, is_distilled, seed, device, reference,
+                     runs, epochs, augment, progress) -> EvalResult:
     if epochs is None:
         epochs = eval_cfg.epochs
     if epochs is None:

@@ -46,22 +46,24 @@ STAGES: dict[str, StageFields] = {
     "scores": StageFields(("data", "scores.kind", "scores.file", "scores.key")),
     "topk_scores": StageFields(("data", "scores.topk", "scores.topk_file")),
     "window": StageFields(("data", "select.ipc", "eval", "tune.beta_step",
-                           "tune.beta_epoch_fraction", "seed"), ("eval.runs", "eval.methods")),
+                           "tune.beta_epoch_fraction", "seed"),
+                          ("eval.runs", "eval.methods", "eval.num_threads")),
     "selection": StageFields(("data", "select", "distill.alpha", "seed")),
     "distill": StageFields(("data", "model", "select", "distill", "experts.lr", "seed"),
                            _DISTILL_BOOKKEEPING),
     "distill_resume": StageFields(("data", "model", "select", "distill", "experts.lr", "seed"),
                                   (*_DISTILL_BOOKKEEPING, "distill.iterations")),
-    "evaluate": StageFields(("data", "eval", "seed"), ("eval.methods",)),
+    "evaluate": StageFields(("data", "eval", "seed"), ("eval.methods", "eval.num_threads")),
     # trials of `selmatch tune` (grid steps, bounds, starts, resources only decide which values run
     # where, so a finer grid reuses the trials that lie on it)
     "beta_trial": StageFields(("data", "model", "experts", "scores", "eval", "seed", "select.ipc",
                                "tune.val_fraction", "tune.eval_runs", "tune.beta_epoch_fraction"),
-                              ("eval.methods", *_RESOURCES)),
+                              ("eval.methods", "eval.num_threads", *_RESOURCES)),
     "alpha_trial": StageFields(("data", "model", "experts", "scores", "eval", "seed", "select.ipc",
                                 "tune.val_fraction", "tune.eval_runs", "tune.beta_epoch_fraction",
                                 "tune.alpha_epoch_fraction", "distill"),
-                               ("eval.methods", *_RESOURCES, *_DISTILL_BOOKKEEPING,
+                               ("eval.methods", "eval.num_threads", *_RESOURCES,
+                                *_DISTILL_BOOKKEEPING,
                                 "distill.alpha", "distill.iterations")),
 }
 
