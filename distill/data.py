@@ -178,7 +178,9 @@ class DatasetSpec:
             log.info("%s: downloading into %s", self.name, target)
             try:
                 self.fetch(target)
-            except Exception as err:  # urllib, socket, http and archive errors alike
+            except (OSError, RuntimeError, EOFError) as err:  # network (URLError is an
+                # OSError), http, integrity and archive errors; a ValueError (e.g. a root that is
+                # not local) is a configuration problem and keeps its own message
                 raise DatasetNotFoundError(
                     f"{self.name}: data.download could not fetch the files into {target} "
                     f"({type(err).__name__}: {err}). Without internet, bring the files and set "
