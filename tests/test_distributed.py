@@ -316,7 +316,9 @@ def test_two_ranks_are_stable_beside_busy_processes(prepared, tmp_path, ranks):
     try:
         for i in range(3):
             t0 = time.perf_counter()
-            again = launch_two_ranks(tmp_path / f"out{i}", prepared)
+            out = tmp_path / f"out{i}"
+            out.mkdir()
+            again = launch_two_ranks(out, prepared)
             for r, first in zip(again, ranks):
                 assert "error" not in r, r["error"]
                 assert torch.equal(r["distill64"][0], first["distill64"][0])
