@@ -178,10 +178,11 @@ class EvalConfig:
     """SGD weight decay."""
     batch_size: int = 128
     """Training minibatch size."""
-    num_threads: int = 1
-    """CPU intra-op threads while training evaluation networks (also the window search and tune
-    trials). One thread is the fastest on a shared 2-core machine (2 threads spin-wait: measured
-    ~6x the CPU time per epoch under load) and makes CPU results independent of the launcher."""
+    num_cpus: float = 1.0
+    """CPUs per evaluation run: each run (also of the window search and tune trials) trains with
+    this many torch threads (at least 1). One thread is the fastest on a shared 2-core machine
+    (2 threads spin-wait: measured ~6x the CPU time per epoch under load) and makes CPU results
+    independent of the launcher's thread count."""
     augment: str | None = None
     """None = the paper's rule per row (§5.1): DSA for every selection and distillation baseline,
     combined (DSA on distilled rows, crop+flip on selected rows) for SelMatch and the rows that

@@ -409,7 +409,7 @@ def evaluate_config(images: Tensor, labels: Tensor, ds: Dataset, eval_cfg, *,
     `eval_cfg.augment`, else combined (DSA on `is_distilled` rows, crop + flip on the others).
     """
     augment = augment or eval_cfg.augment or "combined"
-    with cpu_threads(eval_cfg.num_threads):
+    with cpu_threads(max(1, int(eval_cfg.num_cpus))):
         return _evaluate_config(images, labels, ds, eval_cfg, is_distilled=is_distilled, seed=seed,
                                 device=device, reference=reference, runs=runs, epochs=epochs,
                                 augment=augment, progress=progress)

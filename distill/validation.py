@@ -167,7 +167,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
 
     ev = cfg.eval
     _range(problems, "eval.runs", ev.runs, 1)
-    _range(problems, "eval.num_threads", ev.num_threads, 1)
+    _range(problems, "eval.num_cpus", ev.num_cpus, 0)
     _range(problems, "eval.epochs", ev.epochs, 1)
     _range(problems, "eval.lr", ev.lr, 0, lo_open=True)
     _range(problems, "eval.momentum", ev.momentum, 0, 1, hi_open=True)
