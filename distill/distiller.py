@@ -60,13 +60,15 @@ class StaleCheckpointError(ValueError):
 def check_resumable(state: dict, cfg: RunConfig, key: str, url: str) -> None:
     """Raise StaleCheckpointError unless checkpoint ``state`` can continue to ``cfg``'s result."""
     if state.get("resume_hash") != key:
-        raise StaleCheckpointError(f"{url} was written with other settings or experts (only "
-                         f"distill.iterations, checkpoint_every, log_every, check_every and "
-                         f"num_threads may change on --resume); run without --resume to start over")
+        raise StaleCheckpointError(
+            f"{url} was written with other settings or experts (only distill.iterations, "
+            f"checkpoint_every, log_every, check_every and num_threads may change on --resume); "
+            f"run without --resume to start over")
     if int(state["iteration"]) > cfg.distill.iterations:
-        raise StaleCheckpointError(f"{url} is at iteration {int(state['iteration'])}, past "
-                         f"distill.iterations = {cfg.distill.iterations}: a shorter run cannot "
-                         f"continue from it; run without --resume to start over")
+        raise StaleCheckpointError(
+            f"{url} is at iteration {int(state['iteration'])}, past distill.iterations = "
+            f"{cfg.distill.iterations}: a shorter run cannot continue from it; run without "
+            f"--resume to start over")
 
 
 class TrajectoryCache:
