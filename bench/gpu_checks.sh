@@ -5,7 +5,8 @@
 #                                       # IPC 250 shape (TF32 on, off), the fast path at |b| 1000 x N 55 and
 #                                       # 5000 x 80, and the real distillation loop's s/iteration
 #   SMOKE=1 bash bench/gpu_checks.sh matching   # the same on tiny shapes (checks the script on a CPU)
-#   bash bench/gpu_checks.sh fmnist     # shortened Fashion-MNIST 5% pipeline: random, window, MTT, SelMatch
+#   bash bench/gpu_checks.sh fmnist     # shortened Fashion-MNIST 5% and 10% (IPC 300, 600): the paper's
+#                                       # rows (Table 1 baselines, Table 3 ablation, init alone), 2 seeds
 #   SMOKE=1 bash bench/gpu_checks.sh fmnist   # the same on a tiny subset (checks the script on a CPU)
 #
 # The GPU host has torch, accelerate, numpy, matplotlib, but neither Ray, kornia nor DeepSpeed and
@@ -46,24 +47,52 @@ case "${1:-}" in
       --out "$OUT/distill_speed_gpu" "${ds[@]}" 2>&1 | tail -40 | tee "$OUT/distill_speed.log"
     ;;
   fmnist)
-    run_dir=/tmp/selmatch_fmnist
-    rm -rf "$run_dir"
-    extra=()
+    # One call, both ratios, every row of the paper's comparison, 2 repetition seeds, budgets cut to
+    # fit ~5 minutes of one H200 (each report's command line and config say which; so does
+    # $OUT/fmnist_command.txt):
+    #   experts 3 x 6 epochs (config: 10 x 30), trained once and shared by both ratios, T+ = 4;
+    #   distillation 20 iterations (config: 2,000) for each of SelMatch, MTT, select-init + full
+    #   update, per seed; evaluation ConvNet-BN, 1 run x 15 epochs per seed and row (config:
+    #   ResNet-18, 3 runs, the 25%-budget epoch rule); window search with beta step 0.2.
+    # Estimate from DESIGN.md 4's anchors (expert epoch ~1 s at 50k images; replay step ~13 ms at
+    # |b| 125; ConvNet step ~3-5 ms): experts ~25 s, 12 distillations x ~6 s, 32 evaluation runs
+    # (360 or 705 steps each) ~90 s, window searches ~5 s, start-up,
+    # CUDA init and ~15 dataset decodes ~50 s: about 4 minutes.
+    common=(--workers 0 --seeds 0 1 --experts.num_gpus 1 --experts.num_experts 3
+            --experts.epochs 6 --distill.max_start_epoch 4 --distill.iterations 20
+            --distill.checkpoint_every 10 --distill.log_every 10 --eval.model convnet
+            --eval.runs 1 --eval.epochs 15 --tune.beta_step 0.2)
+    smoke300=(); smoke600=()
     if [ "${SMOKE:-0}" = 1 ]; then
-      extra=(--data.train_per_class 40 --model.width 16 --select.ipc 10 --select.beta 0.2
-             --experts.num_experts 2 --experts.epochs 3 --distill.max_start_epoch 1
-             --distill.batch_syn 20 --distill.iterations 3 --distill.syn_steps 3
-             --eval.model convnet --eval.epochs 2 --eval.runs 1)
+      common+=(--data.train_per_class 40 --model.width 16 --experts.epochs 3
+               --distill.max_start_epoch 1 --distill.batch_syn 20 --distill.iterations 3
+               --distill.syn_steps 3 --eval.epochs 2)
+      smoke300=(--select.ipc 10 --select.beta 0.2); smoke600=(--select.ipc 20 --select.beta 0.2)
     fi
-    # 4 experts x 12 epochs instead of 10 x 30; 300 distillation iterations instead of 2,000;
-    # 2 evaluation runs of 150 epochs instead of 3 of 1,000: a shortened run, say so with its numbers.
-    python3 -m launch.cli run --config configs/fmnist_ipc300.yaml --workers 0 --run_dir "$run_dir" \
-      --experts.num_experts 4 --experts.epochs 12 --distill.max_start_epoch 8 \
-      --distill.iterations 300 --distill.checkpoint_every 100 --eval.runs 2 --eval.epochs 150 \
-      --tune.beta_step 0.2 "${extra[@]}" 2>&1 | grep -v -e "it/s" -e "s/it" | tail -80 > "$OUT/fmnist.log"
-    cp "$run_dir/report.md" "$run_dir/results.json" "$OUT/" 2>/dev/null
-    cp "$run_dir/synset/selmatch.png" "$OUT/fmnist_selmatch.png" 2>/dev/null
-    tail -20 "$OUT/fmnist.log"
+    base=/tmp/selmatch_fmnist
+    rm -rf "$base"
+    echo "selmatch run --config configs/fmnist_ipc{300,600}.yaml ${common[*]} (SMOKE=${SMOKE:-0})" \
+      > "$OUT/fmnist_command.txt"
+    start=$(date +%s)
+    for ipc in 300 600; do
+      run_dir="$base/ipc$ipc"
+      if [ "$ipc" = 600 ]; then  # the experts and scores of IPC 300 serve IPC 600 (same settings)
+        mkdir -p "$run_dir" && cp -r "$base/ipc300/experts" "$base/ipc300/scores" "$run_dir/" 2>/dev/null
+        extra=("${smoke600[@]}")
+      else
+        extra=("${smoke300[@]}")
+      fi
+      t0=$(date +%s)
+      python3 -m launch.cli run --config "configs/fmnist_ipc$ipc.yaml" --run_dir "$run_dir" \
+        "${common[@]}" "${extra[@]}" 2>&1 | grep -v -e "it/s" -e "s/it" | tail -60 > "$OUT/fmnist_ipc$ipc.log"
+      echo "ipc $ipc: $(( $(date +%s) - t0 )) s" >> "$OUT/fmnist_times.txt"
+      cp "$run_dir/report.md" "$OUT/fmnist_ipc${ipc}_report.md" 2>/dev/null
+      cp "$run_dir/results.json" "$OUT/fmnist_ipc${ipc}_results.json" 2>/dev/null
+      cp "$run_dir/synset/selmatch.png" "$OUT/fmnist_ipc${ipc}_selmatch.png" 2>/dev/null
+    done
+    echo "total: $(( $(date +%s) - start )) s" >> "$OUT/fmnist_times.txt"
+    cat "$OUT/fmnist_times.txt"
+    for ipc in 300 600; do sed -n '/^## Results/,/^Accuracy:/p' "$OUT/fmnist_ipc${ipc}_report.md" 2>/dev/null; done
     ;;
   *)
     echo "usage: bash bench/gpu_checks.sh matching|fmnist" >&2

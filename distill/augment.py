@@ -343,9 +343,11 @@ class DSA:
 
 
 def crop_pad(size: int) -> int:
-    """Padding of the random crop: 4 px at 32 px as in the paper's protocol, scaled with the image
-    (3 at 28, 8 at 64, 1 at 8: a 4-px shift would move half of an 8x8 digit out of the frame)."""
-    return max(1, size // 8)
+    """Padding of the random crop: 4 px, the paper's protocol for CIFAR (32 px) and Tiny ImageNet
+    (64 px, App. B.3: "random cropping padded with 4 pixels"), and so also for 28-px MNIST-type
+    images. Below 16 px it shrinks to size // 8 (1 px at 8x8): a 4-px shift would move half of an
+    8x8 digit out of the frame."""
+    return 4 if size >= 16 else max(1, size // 8)
 
 
 def simple_augment(x: Tensor, generator: torch.Generator) -> Tensor:

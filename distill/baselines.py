@@ -1,9 +1,15 @@
 """Selection baselines and the window search, evaluated without ever looking at the test set.
 
 * ``random``: IPC random real images per class (seeded);
-* ``topk``: the IPC hardest per class (the paper's "Forgetting" baseline, β = 0);
+* ``topk``: the IPC hardest per class (the paper's "Forgetting" baseline, β = 0), by the scores
+  of ``scores.topk`` (forgetting by default);
 * ``window``: the oracle window: the best β of a grid search (App. E: each candidate trained for a
-  fraction of the evaluation epochs).
+  fraction of the evaluation epochs);
+* ``init``: SelMatch's starting set alone: the window at the configured ``select.beta``, nothing
+  distilled (α = 0).
+
+Candidates of the search are trained with the augmentation of the row they stand for (the window
+row: DSA by the paper's rule, distill/methods.py), unless ``eval.augment`` overrides it.
 
 The search scores a candidate on a **validation split carved from the training data** (a fixed,
 seeded fraction of each class), never on the test set. A validation image that is also one of the
@@ -24,11 +30,13 @@ from distill.augment import make_generator
 from distill.config import RunConfig
 from distill.data import Dataset
 from distill.evaluate import eval_epochs, evaluate_config
+from distill.methods import augment_for
 from distill.scores import Scores
 from distill.selection import make_selection, select_window
 from distill.synset import SyntheticSet
 
 _VAL = 51  # generator stream tag
+_INITS = {"random": "random", "topk": "topk", "window": "window", "init": "window"}
 
 
 def validation_index(ds: Dataset, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
@@ -71,23 +79,28 @@ def window_search(cfg: RunConfig, ds: Dataset, scores: Scores, *, device="cpu",
     full = cfg.eval.epochs or eval_epochs(ratio)
     epochs = max(1, int(round(search_epoch_fraction(cfg) * full)))
     val = validation_index(ds, seed=cfg.seed)
+    augment = augment_for("window", cfg)
     accs = []
     for beta in tqdm(betas, desc="window search", disable=not progress):
         sel = select_window(scores, ds.y_train.numpy(), c, cfg.select.ipc, beta, 0.0)
         idx = sel.source_index.numpy()
         res = evaluate_config(ds.x_train[idx], sel.labels, validation_dataset(ds, val, idx),
                               cfg.eval, seed=cfg.seed, device=device, runs=1, epochs=epochs,
-                              progress=False)
+                              augment=augment, progress=False)
         accs.append(res.mean)
     best = int(np.argmax(accs))
     return {"betas": betas, "val_accuracy": accs, "best_beta": betas[best], "epochs": epochs,
-            "full_epochs": full, "validation_size": int(len(val)), "metric": "validation accuracy"}
+            "full_epochs": full, "validation_size": int(len(val)), "metric": "validation accuracy",
+            "augment": augment}
 
 
 def baseline_set(method: str, cfg: RunConfig, ds: Dataset, scores: Scores | None,
                  beta: float | None = None) -> SyntheticSet:
-    """A pure selection (nothing distilled) for ``random``, ``topk`` or ``window`` at ``beta``."""
-    init = {"random": "random", "topk": "topk", "window": "window"}[method]
+    """A pure selection (nothing distilled) for ``random``, ``topk``, ``window`` at ``beta``, or
+    ``init`` (the window at ``select.beta``)."""
+    if method not in _INITS:
+        raise ValueError(f"{method!r} is not a selection baseline; valid: {', '.join(_INITS)}")
+    init = _INITS[method]
     sel = make_selection(init, scores=scores, labels=ds.y_train.numpy(),
                          num_classes=ds.info.num_classes, ipc=cfg.select.ipc,
                          beta=cfg.select.beta if beta is None else beta, alpha=0.0, seed=cfg.seed)

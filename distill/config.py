@@ -15,30 +15,8 @@ each naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"""),
-    list("-+0123456789."),
-)
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -113,6 +91,14 @@ class ScoresConfig:
     """Import scores from this .npy/.npz path or fsspec URL instead of computing them from experts."""
     key: str = "scores"
     """Array name inside an .npz file."""
+    topk: str = "forgetting"
+    """Score of the top-k baseline row (the paper's Table 1 "Forgetting": the IPC samples with the
+    most forgetting events per class). Taken from ``scores.topk_file`` when set, else the run's own
+    scores when ``scores.kind`` is the same, else computed from the experts; the report's row is
+    labelled with the score actually used."""
+    topk_file: str | None = None
+    """File with the ``scores.topk`` values (e.g. configs/scores/forgetting_CIFAR10.npy, the
+    release's forgetting scores); None = the run's scores or the experts."""
 
 
 @dataclass(kw_only=True)
@@ -146,7 +132,10 @@ class DistillConfig:
     lr_lr: float = 1e-5
     """Learning rate of the learnable student learning rate."""
     syn_lr_init: float | None = None
-    """Starting student learning rate; None = experts.lr (as MTT)."""
+    """Starting value of the learnable student learning rate. None = experts.lr, as MTT initialises
+    it (Cazenavette et al. 2022: syn_lr starts at the lr that trained the experts); the released
+    SelMatch code starts it at its ``lr_init`` argument instead (0.001 in its scripts). Every
+    shipped Table 5 config leaves it None, i.e. 0.01 = experts.lr."""
     momentum: float = 0.5
     """Momentum of the image and learning-rate optimisers."""
     mode: str = "joint"
@@ -181,6 +170,17 @@ class DistillConfig:
     check_every: int = 50
     """With several ranks, compare a checksum of the images, syn_lr and optimiser momenta across
     ranks every K iterations (and at the start and end); a mismatch raises DivergedRanksError."""
+    num_threads: int = 1
+    """CPU intra-op threads of the matching step (torch.set_num_threads while distilling). CPU
+    reductions, and so the last bits of the result, depend on the count: fixing it makes a run
+    resumed under another launcher (accelerate sets 1 thread, plain python all cores) bit-identical.
+    A resource, not part of what a result means: changing it does not make artifacts stale."""
+    max_image_ratio: float | None = 20.0
+    """Divergence guard: stop when the largest |value| of a learnable image exceeds this multiple
+    of the largest |value| of the real training images (model input space). None = off."""
+    max_loss_ratio: float | None = 20.0
+    """Divergence guard: stop when the matching loss exceeds this multiple of its starting value
+    (the mean loss of the first 5 iterations). None = off."""
 
 
 @dataclass(kw_only=True)
@@ -199,14 +199,23 @@ class EvalConfig:
     """SGD weight decay."""
     batch_size: int = 128
     """Training minibatch size."""
-    augment: str = "combined"
-    """combined (DSA on distilled rows, crop+flip on selected rows), dsa, simple or none."""
     num_cpus: float = 1.0
     """Resources per evaluation run (one Ray task each with `selmatch evaluate/run`): CPUs; each
-    run trains with this many torch threads (at least 1), on Ray and in-process alike."""
+    run (also of the window search and tune trials) trains with this many torch threads (at
+    least 1), on Ray and in-process alike. One thread is the fastest on a shared 2-core machine
+    (2 threads spin-wait: measured ~6x the CPU time per epoch under load) and makes CPU results
+    independent of the launcher's thread count."""
     num_gpus: float | None = None
     """Resources per evaluation run: GPUs (fractions share a GPU; 0 = the run trains on CPU);
     None = 1 when the machine running the command has CUDA, else 0."""
+    augment: str | None = None
+    """None = the paper's rule per row (§5.1): DSA for every selection and distillation baseline,
+    combined (DSA on distilled rows, crop+flip on selected rows) for SelMatch and the rows that
+    have both parts. A value (combined, dsa, simple or none) forces it on every row (ablations)."""
+    methods: list[str] | None = None
+    """Report rows to compute and evaluate (distill/methods.py lists them); None = the paper's set:
+    the selection baselines, Table 3's ablation rows and SelMatch. Rows not listed are not
+    computed (e.g. their distillation is skipped)."""
 
 
 @dataclass(kw_only=True)
@@ -217,8 +226,11 @@ class TuneConfig:
     """Grid step of the distillation-portion search."""
     beta_epoch_fraction: float | None = None
     """Fraction of the evaluation epochs per beta trial; None = 0.2 for CIFAR-10, else 0.1."""
-    alpha_iterations: int = 200
-    """Distillation iterations per alpha trial."""
+    alpha_fraction: float = 0.2
+    """Distillation iterations of an alpha trial as a fraction of distill.iterations (rounded,
+    at least 1). bench/results/alpha_budget.md measures how the alpha ranking changes with it."""
+    alpha_iterations: int | None = None
+    """Distillation iterations per alpha trial; None = tune.alpha_fraction x distill.iterations."""
     alpha_epoch_fraction: float | None = None
     """Fraction of the evaluation epochs per alpha trial; None = the beta trials' fraction."""
     val_fraction: float = 0.1
@@ -255,7 +267,12 @@ class RunConfig:
     run_dir: str = "runs/quickstart"
     """Run directory for every artifact (local path or fsspec URL)."""
     seed: int = 0
-    """Run seed; every random generator is derived from it and a position."""
+    """Run seed; every random generator is derived from it and a position. It also seeds the
+    experts, the scores and the window search, which every repetition in ``seeds`` shares."""
+    seeds: list[int] | None = None
+    """Repetition seeds of ``selmatch run``: selection, distillation and evaluation are repeated
+    with each, on the same experts, and the report pools seeds x evaluation runs. The repetition
+    of ``seed`` itself lives in run_dir, the others in run_dir/seeds/<s>/. None = [seed]."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     experts: ExpertConfig = field(default_factory=ExpertConfig)
@@ -270,190 +287,6 @@ class RunConfig:
 # the sections that decide results (hashed into artifacts); ``metrics`` only decides where
 # results are logged, so changing it never invalidates an artifact
 SECTIONS = ("data", "model", "experts", "scores", "select", "distill", "eval", "tune")
-
-
-# --------------------------------------------------------------------------------------------
-# dict <-> dataclass
-# --------------------------------------------------------------------------------------------
-
-
-def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
-    """Check ``value`` against a field annotation; returns (ok, coerced value).
-
-    Only the annotations used above are handled: str, int, float, bool, dict, X | None.
-    An int is accepted for a float field (YAML writes 1000 for 1000.0); a bool is never an int.
-    """
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None:
-            return (type(None) in args), None
-        for arg in args:
-            if arg is type(None):
-                continue
-            ok, coerced = _type_ok(value, arg)
-            if ok:
-                return True, coerced
-        return False, value
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict), value
-    if annotation is bool:
-        return isinstance(value, bool), value
-    if annotation is int:
-        return (isinstance(value, int) and not isinstance(value, bool)), value
-    if annotation is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        return False, value
-    if annotation is str:
-        return isinstance(value, str), value
-    return True, value
-
-
-def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "")
-    return text.replace("<class '", "").replace("'>", "")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
-    """Build dataclass ``cls`` from ``data``, appending a line to ``problems`` per bad key."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            problems.append(f"{path}: unknown field; valid fields: {', '.join(names)}")
-            continue
-        annotation = hints[key]
-        if dataclasses.is_dataclass(annotation):
-            if not isinstance(value, dict):
-                problems.append(f"{path} must be a mapping of fields, got {value!r}")
-                continue
-            kwargs[key] = _build(annotation, value, f"{path}.", problems)
-            continue
-        ok, coerced = _type_ok(value, annotation)
-        if not ok:
-            problems.append(f"{path} must be of type {_type_name(annotation)}, got {value!r}")
-            continue
-        kwargs[key] = coerced
-    return cls(**kwargs)
-
-
-def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """Plain nested dict (YAML/JSON-serialisable)."""
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(data: dict[str, Any], *, check: bool = True) -> RunConfig:
-    """Build a RunConfig from a nested dict; unknown keys and wrong types are errors."""
-    if not isinstance(data, dict):
-        raise ConfigError([f"the configuration must be a mapping, got {type(data).__name__}"])
-    problems: list[str] = []
-    cfg = _build(RunConfig, data, "", problems)
-    if problems:
-        raise ConfigError(problems)
-    if check:
-        validate(cfg)
-    return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# Overrides
-# --------------------------------------------------------------------------------------------
-
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``["--distill.alpha", "0.3", "--run_dir=/tmp/r"]`` -> ``{"distill.alpha": 0.3, "run_dir": "/tmp/r"}``.
-
-    Values are parsed as YAML scalars. A flag without a value is an error (booleans are written
-    ``--data.download true``), so a forgotten value never swallows the next flag.
-    """
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) <= 2:
-            raise ConfigError([f"unexpected argument {arg!r}; overrides look like --section.field VALUE"])
-        key = arg[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError([f"override --{key} has no value"])
-            raw = args[i + 1]
-            i += 2
-        try:
-            out[key] = _yaml_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            out[key] = raw
-    return out
-
-
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict (a copy); unknown sections are reported by from_dict."""
-    merged = json.loads(json.dumps(data))
-    for dotted, value in overrides.items():
-        node = merged
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError([f"{dotted}: {part} is not a section"])
-            node = child
-        node[parts[-1]] = value
-    return merged
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and saving
-# --------------------------------------------------------------------------------------------
-
-
-def load_config(path: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
-                *, check: bool = True) -> RunConfig:
-    """Defaults <- YAML file (path or fsspec URL) <- overrides; validated unless ``check=False``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        from distill import storage
-
-        try:
-            text = storage.read_text(path)
-        except FileNotFoundError as err:
-            raise ConfigError([f"config file not found: {path}"]) from err
-        try:
-            data = _yaml_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError([f"{path}: not valid YAML ({err})"]) from err
-    if overrides:
-        if isinstance(overrides, list):
-            overrides = parse_overrides(overrides)
-        data = apply_overrides(data, overrides)
-    return from_dict(data, check=check)
-
-
-def dump_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def save_config(cfg: RunConfig, run_dir: str | None = None) -> str:
-    """Write the resolved config as ``<run_dir>/config.yaml`` (atomically); returns the URL."""
-    from distill import storage
-
-    url = storage.join(run_dir or cfg.run_dir, "config.yaml")
-    storage.write_text(url, dump_yaml(cfg))
-    return url
-
-
-def config_hash(cfg: RunConfig, *sections: str) -> str:
-    """Short stable hash of the named sections (all when none); artifacts record it in manifests."""
-    full = to_dict(cfg)
-    chosen = {s: full[s] for s in (sections or SECTIONS + ("seed",))}
-    blob = json.dumps(chosen, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,8 +306,43 @@ def batch_syn(cfg: RunConfig, num_classes: int) -> int:
     return cfg.distill.batch_syn or cfg.select.ipc * num_classes
 
 
+def rep_dir(cfg: RunConfig, seed: int) -> str:
+    """Where repetition ``seed`` lives: run_dir for the run seed, run_dir/seeds/<s> otherwise."""
+    from distill import storage
+
+    return cfg.run_dir if seed == cfg.seed else storage.join(cfg.run_dir, "seeds", str(seed))
+
+
+def repetitions(cfg: RunConfig) -> list[RunConfig]:
+    """One config per repetition seed (``seeds``, default ``[seed]``): ``seed`` = that seed and
+    ``run_dir`` = :func:`rep_dir`; experts, scores and the window search stay the run's."""
+    return [dataclasses.replace(cfg, seed=s, run_dir=rep_dir(cfg, s))
+            for s in (cfg.seeds or [cfg.seed])]
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every field and the relations between them (distill/validation.py)."""
     from distill.validation import validate_config
 
     return validate_config(cfg)
+
+
+# Loading, overrides and saving live in distill/config_io.py; importers use them from here.
+from distill.config_io import (  # noqa: E402  (needs the classes above)
+    apply_overrides,
+    config_hash,
+    dump_yaml,
+    from_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
+
+__all__ = [
+    "SECTIONS", "ConfigError", "DataConfig", "DistillConfig", "EvalConfig", "ExpertConfig",
+    "ModelConfig", "RunConfig", "ScoresConfig", "SelectConfig", "TuneConfig", "apply_overrides",
+    "batch_syn", "bn_group", "config_hash", "dump_yaml", "from_dict", "load_config",
+    "parse_overrides", "rep_dir", "repetitions", "save_config", "syn_lr_init", "to_dict",
+    "validate",
+]

@@ -184,7 +184,15 @@ class DatasetSpec:
                 raise
             target = _expand(root if root is not None else f"{_CACHE}/{self.name}")
             log.info("%s: downloading into %s", self.name, target)
-            self.fetch(target)
+            try:
+                self.fetch(target)
+            except (OSError, RuntimeError, EOFError) as err:  # network (URLError is an
+                # OSError), http, integrity and archive errors; a ValueError (e.g. a root that is
+                # not local) is a configuration problem and keeps its own message
+                raise DatasetNotFoundError(
+                    f"{self.name}: data.download could not fetch the files into {target} "
+                    f"({type(err).__name__}: {err}). Without internet, bring the files and set "
+                    f"data.root instead: {self.info(opts).how_to_get}") from err
             where = self.locate([target])
         info = self.info(opts, root=where)
         log.info("%s: reading %s", self.name, where)

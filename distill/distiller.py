@@ -7,7 +7,6 @@ iteration k ends bit for bit where an uninterrupted run ends (on CPU; tested).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import resource
@@ -19,21 +18,21 @@ from tqdm.auto import tqdm
 
 from distill import storage
 from distill.augment import DSA, make_generator
-from distill.config import RunConfig, batch_syn, bn_group, config_hash
+from distill.config import RunConfig, batch_syn, bn_group
 from distill.data import Dataset
 from distill.experts import build_network
+from distill.freshness import stamp
 from distill.matching import LOCAL, Collectives, make_plan, match_replay, theta_pair
-from distill.student import Student, set_precision
 from distill.metrics import Metrics
+from distill.runtime import cpu_threads
+from distill.student import Student, set_precision
 from distill.synset import SyntheticSet
 from distill.trajectories import ExpertStore
 
 log = logging.getLogger(__name__)
 
 _SAMPLE = 41  # generator stream tag for (expert, start epoch)
-# may change on --resume: how far to go, how often to save or log, and how the (same) math runs
-_NOT_HASHED = ("iterations", "checkpoint_every", "log_every", "check_every", "compile",
-               "cuda_graphs", "groups_per_call", "group_ranks")
+_LOSS_START = 5  # iterations whose mean loss is the divergence guard's reference
 
 
 class DivergenceError(FloatingPointError):
@@ -47,11 +46,30 @@ def method_name(cfg: RunConfig) -> str:
     return "mtt" if cfg.select.init == "random" else "selmatch"
 
 
-def resume_hash(cfg: RunConfig) -> str:
-    """Everything that must not change between a checkpoint and its resumption."""
-    d = dataclasses.replace(cfg.distill, **{k: 0 for k in _NOT_HASHED})
-    return config_hash(dataclasses.replace(cfg, distill=d), "data", "model", "experts", "scores",
-                       "select", "distill", "seed")
+def resume_hash(cfg: RunConfig, experts_digest: str) -> str:
+    """Everything that must not change between a checkpoint and its resumption: the stage's
+    fields but the iteration count (distill/freshness.py) and the experts' identity. The initial
+    selection is compared row by row (``source_index``) when the checkpoint is loaded."""
+    return stamp(cfg, "distill_resume", inputs={"experts": experts_digest})
+
+
+class StaleCheckpointError(ValueError):
+    """A checkpoint that cannot continue to the requested result (other settings, experts or
+    selection, or past the requested iteration count)."""
+
+
+def check_resumable(state: dict, cfg: RunConfig, key: str, url: str) -> None:
+    """Raise StaleCheckpointError unless checkpoint ``state`` can continue to ``cfg``'s result."""
+    if state.get("resume_hash") != key:
+        raise StaleCheckpointError(
+            f"{url} was written with other settings or experts (only distill.iterations, "
+            f"checkpoint_every, log_every, check_every and num_threads may change on --resume); "
+            f"run without --resume to start over")
+    if int(state["iteration"]) > cfg.distill.iterations:
+        raise StaleCheckpointError(
+            f"{url} is at iteration {int(state['iteration'])}, past distill.iterations = "
+            f"{cfg.distill.iterations}: a shorter run cannot continue from it; run without "
+            f"--resume to start over")
 
 
 class TrajectoryCache:
@@ -82,14 +100,14 @@ def peak_memory_mib(device: torch.device) -> float:
 class Distiller:
     def __init__(self, cfg: RunConfig, ds: Dataset, synset: SyntheticSet, store: ExpertStore, *,
                  comm: Collectives = LOCAL, device: torch.device | str = "cpu",
-                 metrics: Metrics | None = None, is_main: bool = True):
+                 metrics: Metrics | None = None, is_main: bool = True, method: str | None = None):
         self.cfg, self.ds, self.synset = cfg, ds, synset
+        self.name = method or method_name(cfg)  # the artifact name (progress bar, logs)
         self.comm, self.device, self.is_main = comm, torch.device(device), is_main
         self.metrics = metrics or Metrics()
         self.method = method_name(cfg)
-        self.expert_ids = store.finished_ids()
-        if not self.expert_ids:
-            raise FileNotFoundError(f"no finished experts in {store.dir}; run `selmatch experts`")
+        self.expert_ids = store.require()  # every configured expert, intact, or an error
+        self.resume_key = resume_hash(cfg, store.digest())
         self.trajectories = TrajectoryCache(store)
         dtype = synset.distilled.dtype
         self.dsa = DSA() if cfg.distill.augment == "dsa" else None
@@ -119,6 +137,8 @@ class Distiller:
         self.opt_lr = torch.optim.SGD([synset.syn_lr], lr=cfg.distill.lr_lr, momentum=momentum)
         self.iteration = 0
         self.history: list[dict] = []
+        # divergence guard: how far the learnable images may leave the real data's range
+        self.real_abs_max = float(ds.x_train.abs().max())
 
     # -- one iteration -----------------------------------------------------------------------
 
@@ -168,15 +188,44 @@ class Distiller:
                 f"(loss {float(loss)}); the last good checkpoint is kept. Lower "
                 f"distill.lr_images or distill.lr_lr, or distill.syn_steps")
 
+    def _check_blowup(self, iteration: int, loss: float) -> None:
+        """Stop a run that has blown up while staying finite (e.g. ``distill.lr_images 1e12``:
+        pixels near 1e9 that evaluate at chance). Runs before the iteration's checkpoint, so the
+        checkpoint on disk is always the last state that passed."""
+        d = self.cfg.distill
+        keep = (f"the last good checkpoint is kept. Lower distill.lr_images (now "
+                f"{d.lr_images:g}) or distill.lr_lr (now {d.lr_lr:g})")
+        if d.max_image_ratio is not None and len(self.synset.distilled):
+            peak = float(self.synset.distilled.detach().abs().max())
+            if peak > d.max_image_ratio * self.real_abs_max:
+                raise DivergenceError(
+                    f"distillation diverged at iteration {iteration}: a learnable image reaches "
+                    f"|x| = {peak:.3g}, more than distill.max_image_ratio = {d.max_image_ratio:g} "
+                    f"times the real images' largest |x| = {self.real_abs_max:.3g}; {keep}")
+        start = [h["loss"] for h in self.history[:_LOSS_START]]
+        if d.max_loss_ratio is not None and len(start) == _LOSS_START:
+            ref = sum(start) / len(start)
+            if loss > d.max_loss_ratio * ref:
+                raise DivergenceError(
+                    f"distillation diverged at iteration {iteration}: matching loss {loss:.4g} is "
+                    f"more than distill.max_loss_ratio = {d.max_loss_ratio:g} times its start "
+                    f"({ref:.4g}, mean of the first {_LOSS_START} iterations); {keep}")
+
     # -- loop --------------------------------------------------------------------------------
 
     def run(self, *, checkpoint_url: str | None = None, progress: bool = True) -> list[dict]:
         d = self.cfg.distill
+        with cpu_threads(d.num_threads):
+            return self._run(checkpoint_url, progress)
+
+    def _run(self, checkpoint_url: str | None, progress: bool) -> list[dict]:
+        d = self.cfg.distill
         bar = tqdm(range(self.iteration, d.iterations), initial=self.iteration, total=d.iterations,
-                   desc=f"distill {self.method}", disable=not (progress and self.is_main))
+                   desc=f"distill {self.name}", disable=not (progress and self.is_main))
         self.check_ranks()
         for it in bar:
             record = self.step(it)
+            self._check_blowup(it, record["loss"])
             self.iteration = it + 1
             due_checkpoint = bool(checkpoint_url) and (self.iteration % d.checkpoint_every == 0
                                                        or self.iteration == d.iterations)
@@ -220,7 +269,7 @@ class Distiller:
         return {
             "iteration": self.iteration,
             "method": self.method,
-            "resume_hash": resume_hash(self.cfg),
+            "resume_hash": self.resume_key,
             "distilled": self.synset.distilled.detach().cpu().clone(),
             "syn_lr": self.synset.syn_lr.detach().cpu().clone(),
             "source_index": self.synset.source_index.cpu(),
@@ -236,11 +285,11 @@ class Distiller:
 
     def load_checkpoint(self, url: str) -> None:
         state = storage.torch_load(url)
-        if state.get("resume_hash") != resume_hash(self.cfg):
-            raise ValueError(f"{url} was written with other settings (only distill.iterations, "
-                             f"checkpoint_every and log_every may change on --resume)")
         if not torch.equal(state["source_index"], self.synset.source_index.cpu()):
-            raise ValueError(f"{url}: its synthetic set was selected from other images")
+            raise StaleCheckpointError(f"{url}: its synthetic set was selected from other images "
+                                       f"(other scores or selection); run without --resume to "
+                                       f"start over")
+        check_resumable(state, self.cfg, self.resume_key, url)
         with torch.no_grad():
             self.synset.distilled.copy_(state["distilled"].to(self.synset.distilled))
             self.synset.syn_lr.copy_(state["syn_lr"].to(self.synset.syn_lr))

@@ -4,7 +4,7 @@ The protocol is the paper's (App. B.3, DESIGN.md §2): SGD with momentum 0.9, we
 lr 0.1 with a cosine schedule stepped every iteration, batch 128, and epochs = 25% of a 200-epoch
 full-data budget (:func:`eval_epochs`). Augmentation is batched on the device; the default
 "combined" one applies DSA to distilled rows and crop + flip to selected real rows (crop padding
-4 px at 32 px, scaled with the image size: ``distill.augment.crop_pad``).
+4 px at 32 and 64 px as in the paper, 1 px for 8×8 digits: ``distill.augment.crop_pad``).
 
 Beyond mean ± std over runs, a :class:`Reference` built from a trained expert adds two
 diagnostics: accuracy on the easy and hard halves of the test set (split by the expert's EL2N)
@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from distill.augment import AUGMENTS, build_augment, make_generator
 from distill.data import Dataset
 from distill.models import build_model
+from distill.runtime import cpu_threads
 
 __all__ = [
     "EvalResult", "Reference", "config_epochs", "coverage", "coverage_of", "eval_epochs",
@@ -426,18 +427,29 @@ def evaluate_config(images: Tensor, labels: Tensor, ds: Dataset, eval_cfg, *,
                     is_distilled: Tensor | None = None, seed: int = 0,
                     device: str | torch.device = "cpu", reference: Reference | None = None,
                     runs: int | None = None, epochs: int | None = None,
-                    progress: bool = True) -> EvalResult:
+                    augment: str | None = None, progress: bool = True) -> EvalResult:
     """:func:`evaluate_images` with the settings of an `EvalConfig`.
 
     epochs: the explicit argument, else `eval_cfg.epochs`, else the paper's rule on
     ratio = len(images) / len(ds.y_train) (the training set as loaded, subset included).
     runs: the explicit argument, else `eval_cfg.runs`.
+    augment: the explicit argument (a row's augmentation, distill.methods.augment_for), else
+    `eval_cfg.augment`, else combined (DSA on `is_distilled` rows, crop + flip on the others).
     """
+    augment = augment or eval_cfg.augment or "combined"
+    with cpu_threads(max(1, int(eval_cfg.num_cpus))):
+        return _evaluate_config(images, labels, ds, eval_cfg, is_distilled=is_distilled, seed=seed,
+                                device=device, reference=reference, runs=runs, epochs=epochs,
+                                augment=augment, progress=progress)
+
+
+def _evaluate_config(images, labels, ds, eval_cfg, *, is_distilled, seed, device, reference,
+                     runs, epochs, augment, progress) -> EvalResult:
     if epochs is None:
         epochs = config_epochs(eval_cfg, len(images), len(ds.y_train))
     return evaluate_images(
         images, labels, ds, model=eval_cfg.model, epochs=epochs,
-        runs=eval_cfg.runs if runs is None else runs, augment=eval_cfg.augment,
+        runs=eval_cfg.runs if runs is None else runs, augment=augment,
         is_distilled=is_distilled, lr=eval_cfg.lr, momentum=eval_cfg.momentum,
         weight_decay=eval_cfg.weight_decay, batch_size=eval_cfg.batch_size, seed=seed,
         device=device, reference=reference, progress=progress)

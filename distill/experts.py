@@ -15,10 +15,8 @@ bitwise identical on CPU. Nothing here imports Ray; ``launch/experts.py`` schedu
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +27,7 @@ from distill.augment import DSA, make_generator
 from distill.config import RunConfig
 from distill.data import Dataset
 from distill.models import ParamLayout, build_model
+from distill.runtime import cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +76,6 @@ def build_network(cfg: RunConfig, ds: Dataset, *, name: str | None = None) -> to
                        norm=cfg.model.norm)
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads: CPU reductions (and so the bits) depend on the count."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _init_model(cfg: RunConfig, ds: Dataset, expert_id: int, device: torch.device) -> torch.nn.Module:
     seed = int(torch.randint(0, 2**62, (1,), generator=make_generator(cfg.seed, _INIT, expert_id)))
     with torch.random.fork_rng(devices=[]):
@@ -134,7 +122,7 @@ def train_expert(cfg: RunConfig, ds: Dataset, expert_id: int, *, device: str | t
     ex = cfg.experts
     device = torch.device(device)
     start_time = time.perf_counter()
-    with _threads(int(ex.num_cpus)):
+    with cpu_threads(int(ex.num_cpus)):
         model = _init_model(cfg, ds, expert_id, device)
         model.train()
         layout = ParamLayout.of(model)

@@ -17,9 +17,11 @@ ONE process (Accelerate's simple launcher); two CPU ranks come from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import zlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,21 @@ def launched_world_size() -> int:
         if value.isdigit() and int(value) > 1:
             return int(value)
     return 1
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op CPU threads, restoring the count afterwards.
+
+    CPU reductions split work by thread, so the last bits of a result depend on the count; every
+    stage that promises bit-identical results (experts, distillation) runs under a count taken
+    from its config rather than from the launcher (accelerate sets 1 thread, python all cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class DivergedRanksError(RuntimeError):
@@ -175,11 +192,26 @@ class Runtime:
                 f"rank {self.rank}: {what} differs between ranks (checksum {crc}, range "
                 f"{int(lo)}..{int(hi)}); the distilled sets would drift apart")
 
-    def close(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.end_training()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, *, ok: bool = True) -> None:
+        """Tear the process group down, once, in an order that cannot race.
+
+        ``ok`` (every rank got to the end): a barrier first, so no rank closes its connections
+        while another still has a collective in flight, then each rank destroys its group.
+        Not ``ok`` (this rank raised): no barrier, since the other ranks may be anywhere; the
+        group is destroyed at once, which makes their pending collectives fail fast instead of
+        waiting for the gloo timeout. Either way the group is destroyed before the interpreter
+        exits: a gloo group left to interpreter shutdown aborts the process ("terminate called
+        without an active exception") when its worker threads outlive Python."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        try:
+            if ok and self.distributed:
+                dist.barrier()
+        finally:
+            if self.accelerator is not None:
+                self.accelerator.end_training()  # trackers; destroys the group
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     def describe(self) -> str:
         return f"rank {self.rank} of world size {self.world_size} on {self.device}"

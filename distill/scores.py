@@ -90,7 +90,7 @@ def import_scores(url: str, kind: str, ds: Dataset, *, key: str = "scores") -> S
         raw = storage.read_bytes(url)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"scores.file {url} does not exist") from err
-    loaded = np.load(_io.BytesIO(raw), allow_pickle=False)
+    loaded = _np_load(raw, url, "scores.file")
     labels = None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         if key not in loaded.files:
@@ -118,9 +118,27 @@ def import_scores(url: str, kind: str, ds: Dataset, *, key: str = "scores") -> S
         bad = int((np.asarray(labels).reshape(-1) != ds.y_train.numpy()).sum())
         raise ValueError(f"{url}: its labels differ from {ds.info.name}'s training labels at {bad} "
                          f"positions (scores for another dataset or another sample order)")
-    if not np.isfinite(values).all():
-        raise ValueError(f"{url} contains NaN or infinite scores")
+    _check_finite(values, url)
     return Scores(kind, values, spec.hard_end, url)
+
+
+def _np_load(raw: bytes, url: str, what: str):
+    """np.load with an error that names the file (random bytes raise several types)."""
+    try:
+        return np.load(_io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{what} {url} is not a readable .npy/.npz array file "
+                         f"({type(err).__name__}: {err})") from err
+
+
+def _check_finite(values: np.ndarray, url: str) -> None:
+    if values.dtype.kind not in "biuf":
+        raise ValueError(f"{url} holds {values.dtype} values, not numbers")
+    bad = ~np.isfinite(values.astype(np.float64, copy=False))
+    if bad.any():
+        first = np.flatnonzero(bad)[:5].tolist()
+        raise ValueError(f"{url} contains {int(bad.sum())} NaN or infinite score(s) (first at "
+                         f"sample index {first}); every training sample needs a finite score")
 
 
 def _urls(run_dir: str, kind: str) -> tuple[str, str]:
@@ -146,14 +164,30 @@ def load_scores(run_dir: str, kind: str) -> Scores:
         raise FileNotFoundError(f"no {kind} scores in {storage.join(run_dir, 'scores')}; create them "
                                 f"with `selmatch scores --config F`")
     meta = storage.read_json(meta_url)
-    values = np.load(_io.BytesIO(storage.read_bytes(npy_url)), allow_pickle=False)
+    if not storage.exists(npy_url):
+        raise FileNotFoundError(f"{npy_url} is missing (its manifest {meta_url} exists); re-create "
+                                f"it with `selmatch scores --config F`")
+    values = _np_load(storage.read_bytes(npy_url), npy_url, "scores")
+    if not isinstance(values, np.ndarray) or values.ndim != 1:
+        raise ValueError(f"{npy_url} must hold one array of shape [n], got "
+                         f"{getattr(values, 'shape', type(values).__name__)}")
     if len(values) != meta["n"]:
         raise ValueError(f"{npy_url}: {len(values)} values, manifest says {meta['n']}")
+    _check_finite(values, npy_url)
     return Scores(kind, values, meta["hard_end"], meta["source"])
 
 
 def scores_exist(run_dir: str, kind: str) -> bool:
     return storage.exists(_urls(run_dir, kind)[1])
+
+
+def scores_digest(run_dir: str, kind: str) -> str:
+    """sha256 of ``scores/<kind>.npy`` (the freshness input of what is selected by it)."""
+    npy_url = _urls(run_dir, kind)[0]
+    if not storage.exists(npy_url):
+        raise FileNotFoundError(f"no {kind} scores in {storage.join(run_dir, 'scores')}; create "
+                                f"them with `selmatch scores --config F`")
+    return storage.sha256(npy_url)[:16]
 
 
 def compute_scores(cfg: RunConfig, ds: Dataset, experts: Sequence[ExpertResult] | None = None) -> Scores:

@@ -50,6 +50,31 @@ def listdir(url: str) -> list[str]:
     return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
+class RunDirError(ValueError):
+    """run_dir cannot hold artifacts: a file, or not writable."""
+
+
+def check_writable(url: str) -> None:
+    """Raise RunDirError unless ``url`` is (or can become) a directory this process can write.
+
+    Called before a stage writes anything, so a bad ``run_dir`` is one clear message instead of
+    a traceback halfway through a run (and nothing is half-written)."""
+    fs, path = _fs(url)
+    if fs.exists(path) and not fs.isdir(path):
+        raise RunDirError(f"run_dir {url} is a file, not a directory; point run_dir at a "
+                          f"directory (it is created if missing)")
+    probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"")
+        fs.rm(probe)
+    except (PermissionError, OSError) as err:
+        raise RunDirError(f"run_dir {url} is not writable ({type(err).__name__}: "
+                          f"{getattr(err, 'strerror', None) or err}); choose another run_dir or "
+                          f"fix its permissions") from err
+
+
 def remove(url: str) -> None:
     fs, path = _fs(url)
     if fs.exists(path):

@@ -19,7 +19,7 @@ import torch
 from distill import storage
 from distill.selection import Selection
 
-METHODS = ("selmatch", "mtt", "merge", "window", "random", "topk")
+METHODS = ("selmatch", "mtt", "merge", "init_full", "window", "random", "topk", "init")
 
 
 class SyntheticSet:
@@ -91,13 +91,24 @@ class SyntheticSet:
         return url
 
 
+_KEYS = ("images", "labels", "is_distilled", "source_index", "syn_lr")
+
+
 def load_synset(run_dir: str, method: str) -> tuple[SyntheticSet, dict]:
     url = storage.join(run_dir, "synset", f"{method}.pt")
     if not storage.exists(url):
         raise FileNotFoundError(f"no synthetic set {url}; create it with `selmatch distill` "
                                 f"(or `selmatch run`)")
     state = storage.torch_load(url)
-    return SyntheticSet.from_state(state), state
+    missing = [k for k in _KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{url} is not a synthetic set: missing key(s) {', '.join(missing)} "
+                         f"(a synset file holds {', '.join(_KEYS)}); re-create it with "
+                         f"`selmatch run` or `selmatch distill`")
+    try:
+        return SyntheticSet.from_state(state), state
+    except (ValueError, IndexError, RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(f"{url}: inconsistent synthetic set ({type(err).__name__}: {err})") from err
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, is_distilled: torch.Tensor, *,

@@ -6,29 +6,35 @@ job killed at any point therefore leaves either a recorded, verifiable expert or
 counts, and re-running the same command trains only the missing ones. Loading re-checks size and
 checksum, so a truncated or overwritten file is named in the error instead of failing deep inside
 ``torch.load`` or, worse, loading garbage.
+
+A run uses exactly experts 0 .. experts.num_experts - 1. A missing or damaged one is an error
+naming the file (:meth:`ExpertStore.require`), never skipped: a run on fewer experts than
+configured would look valid. ``selmatch experts`` checks every recorded file's sha256 and retrains
+the damaged ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 from functools import lru_cache
 
 import torch
 
 from distill import storage
-from distill.config import RunConfig, config_hash
+from distill.config import RunConfig
 from distill.experts import ExpertResult
+from distill.freshness import digest, stamp
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_NOT_HASHED = ("num_experts", "num_cpus", "num_gpus")  # adding experts or resources keeps old ones
 
 
 def expert_config_hash(cfg: RunConfig) -> str:
     """Hash of everything that changes an expert's numbers (not how many experts, nor resources)."""
-    trimmed = dataclasses.replace(
-        cfg, experts=dataclasses.replace(cfg.experts, **{k: 0 for k in _NOT_HASHED}))
-    return config_hash(trimmed, "data", "model", "experts", "seed")
+    return stamp(cfg, "expert")
 
 
 @lru_cache(maxsize=1)
@@ -71,19 +77,63 @@ class ExpertStore:
                 f"delete {self.dir} to retrain.")
         return manifest
 
-    def finished_ids(self) -> list[int]:
-        """Experts recorded in the manifest whose file exists with the recorded size."""
-        done = []
-        for key, entry in self.manifest()["experts"].items():
-            url = storage.join(self.dir, entry["file"])
-            if storage.exists(url) and storage.size(url) == entry["size"]:
-                done.append(int(key))
-        return sorted(done)
+    def wanted_ids(self) -> list[int]:
+        """The experts a run uses: 0 .. experts.num_experts - 1, all of them."""
+        return list(range(self.cfg.experts.num_experts))
 
-    def missing_ids(self, num_experts: int | None = None) -> list[int]:
+    def problem(self, expert_id: int, *, deep: bool = True, manifest: dict | None = None) -> str | None:
+        """Why expert ``expert_id`` cannot be used (None = it can): not recorded, file missing,
+        size or (with ``deep``) sha256 different from the manifest's record."""
+        entry = (manifest or self.manifest())["experts"].get(str(expert_id))
+        if entry is None:
+            return f"expert {expert_id} is not recorded in {self._manifest_url()}"
+        url = storage.join(self.dir, entry["file"])
+        if not storage.exists(url):
+            return f"{url} is recorded in the manifest but missing"
+        size = storage.size(url)
+        if size != entry["size"]:
+            return f"{url}: size {size} bytes, expected {entry['size']} (truncated or overwritten)"
+        if deep and storage.sha256(url) != entry["sha256"]:
+            return f"{url}: sha256 differs from the manifest's record (corrupt or altered file)"
+        return None
+
+    def finished_ids(self, *, deep: bool = False) -> list[int]:
+        """Recorded experts whose file is intact (size; with ``deep`` also the sha256)."""
+        manifest = self.manifest()
+        ids = sorted(int(k) for k in manifest["experts"])
+        return [i for i in ids if self.problem(i, deep=deep, manifest=manifest) is None]
+
+    def missing_ids(self, num_experts: int | None = None, *, deep: bool = False) -> list[int]:
         wanted = range(num_experts if num_experts is not None else self.cfg.experts.num_experts)
-        done = set(self.finished_ids())
+        done = set(self.finished_ids(deep=deep))
         return [i for i in wanted if i not in done]
+
+    def require(self, *, deep: bool = True) -> list[int]:
+        """The ids of :meth:`wanted_ids`, after checking that every one of them is intact.
+
+        Never drops an expert silently: a missing expert raises FileNotFoundError, a truncated or
+        corrupt file ValueError naming the file, both saying how to repair it."""
+        self._require()
+        manifest = self.manifest()
+        problems = {i: self.problem(i, deep=deep, manifest=manifest) for i in self.wanted_ids()}
+        bad = {i: p for i, p in problems.items() if p is not None}
+        if not bad:
+            return self.wanted_ids()
+        fix = ("run `selmatch experts --config F` to train or retrain them "
+               f"(experts.num_experts = {self.cfg.experts.num_experts})")
+        lines = "; ".join(bad.values())
+        if all("not recorded" in p for p in bad.values()):
+            raise FileNotFoundError(f"{len(bad)} of {len(problems)} experts missing in {self.dir}: "
+                                    f"{lines}; {fix}")
+        raise ValueError(f"{len(bad)} of {len(problems)} experts in {self.dir} cannot be used: "
+                         f"{lines}; {fix}")
+
+    def digest(self) -> str:
+        """Identity of the experts a run uses (settings and each file's sha256), for the freshness
+        stamps of what is computed from them. Reads only the manifest."""
+        entries = self.manifest()["experts"]
+        return digest({"settings": self.hash,
+                       "files": [entries.get(str(i), {}).get("sha256") for i in self.wanted_ids()]})
 
     # -- write -------------------------------------------------------------------------------
 
@@ -131,11 +181,8 @@ class ExpertStore:
         return ExpertResult.from_state(state)
 
     def load_all(self) -> list[ExpertResult]:
-        ids = self.finished_ids()
-        if not ids:
-            self._require()
-            raise FileNotFoundError(f"no finished experts in {self.dir}; run `selmatch experts`")
-        return [self.load(i) for i in ids]
+        """Every expert of :meth:`wanted_ids`, verified; a missing or damaged one is an error."""
+        return [self.load(i) for i in self.require(deep=False)]
 
     def trajectory(self, expert_id: int) -> torch.Tensor:
         return self.load(expert_id).trajectory

@@ -7,7 +7,9 @@ got 1.5"); :func:`validate_config` raises one :class:`ConfigError` listing them 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 from typing import Any
 
 from distill.config import ConfigError, RunConfig, batch_syn
@@ -26,10 +28,30 @@ def _choice(problems: list[str], path: str, value: Any, allowed: tuple[str, ...]
     return True
 
 
+def _non_finite(cfg: Any, prefix: str = "") -> list[str]:
+    """Every float field (also inside lists) holding NaN or ±inf, by its dotted name.
+
+    YAML reads ``.nan`` and ``.inf`` as floats, so they pass the type check; range checks do not
+    catch NaN (every comparison with it is False). One generic pass covers every float field,
+    present and future."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value, path = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            problems += _non_finite(value, f"{path}.")
+            continue
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                problems.append(f"{path} must be a finite number, got {v}")
+                break
+    return problems
+
+
 def _range(problems: list[str], path: str, value: float | None, lo: float | None = None,
            hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    if value is None:
-        return
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return  # None = default; non-finite values are reported once by _non_finite
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
         hi is not None and (value >= hi if hi_open else value > hi))
     if bad:
@@ -48,7 +70,16 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     from distill.selection import INITS as SELECT_INITS
     from distill.student import PRECISIONS, compile_choice
 
-    problems: list[str] = []
+    problems: list[str] = _non_finite(cfg)
+    _range(problems, "seed", cfg.seed, 0)
+    if cfg.seeds is not None:
+        if not cfg.seeds:
+            problems.append("seeds must list at least one seed (or be null for [seed]), got []")
+        for s in cfg.seeds:
+            if s < 0:
+                problems.append(f"seeds must hold integers >= 0, got {s}")
+        if len(set(cfg.seeds)) != len(cfg.seeds):
+            problems.append(f"seeds must not repeat a seed, got {cfg.seeds}")
     info = None
     if _choice(problems, "data.name", cfg.data.name, data_mod.dataset_names()):
         try:
@@ -83,6 +114,11 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         if cfg.scores.kind == "cscore" and not cfg.scores.file:
             problems.append("scores.file is required when scores.kind is cscore "
                             "(C-scores cannot be computed here; e.g. ../shared/scores/cscores_CIFAR10.npz)")
+    if _choice(problems, "scores.topk", cfg.scores.topk, list(SCORE_KINDS)):
+        if (SCORE_KINDS[cfg.scores.topk].from_experts is None and not cfg.scores.topk_file
+                and cfg.scores.topk != cfg.scores.kind):
+            problems.append(f"scores.topk_file is required when scores.topk is {cfg.scores.topk} "
+                            f"(it cannot be computed from experts)")
 
     sel = cfg.select
     _choice(problems, "select.init", sel.init, SELECT_INITS)
@@ -114,6 +150,9 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _range(problems, "distill.checkpoint_every", d.checkpoint_every, 1)
     _range(problems, "distill.log_every", d.log_every, 1)
     _range(problems, "distill.check_every", d.check_every, 1)
+    _range(problems, "distill.num_threads", d.num_threads, 1)
+    _range(problems, "distill.max_image_ratio", d.max_image_ratio, 1, lo_open=True)
+    _range(problems, "distill.max_loss_ratio", d.max_loss_ratio, 1, lo_open=True)
     _choice(problems, "distill.mode", d.mode, DISTILL_MODES)
     _choice(problems, "distill.augment", d.augment, DISTILL_AUGMENTS)
     try:
@@ -144,20 +183,31 @@ def validate_config(cfg: RunConfig) -> RunConfig:
 
     ev = cfg.eval
     _range(problems, "eval.runs", ev.runs, 1)
+    _range(problems, "eval.num_cpus", ev.num_cpus, 0)
     _range(problems, "eval.epochs", ev.epochs, 1)
     _range(problems, "eval.lr", ev.lr, 0, lo_open=True)
     _range(problems, "eval.momentum", ev.momentum, 0, 1, hi_open=True)
     _range(problems, "eval.weight_decay", ev.weight_decay, 0)
     _range(problems, "eval.batch_size", ev.batch_size, 1)
-    _choice(problems, "eval.augment", ev.augment, EVAL_AUGMENTS)
     _range(problems, "eval.num_cpus", ev.num_cpus, 0)
     _range(problems, "eval.num_gpus", ev.num_gpus, 0)
+    if ev.augment is not None:
+        _choice(problems, "eval.augment", ev.augment, EVAL_AUGMENTS)
+    if ev.methods is not None:
+        from distill.methods import METHODS
+
+        if not ev.methods:
+            problems.append("eval.methods must name at least one row (or be null for the "
+                            "paper's set), got []")
+        for name in ev.methods:
+            _choice(problems, "eval.methods", name, list(METHODS))
 
     t = cfg.tune
     _range(problems, "tune.beta_step", t.beta_step, 0, 1, lo_open=True)
     _range(problems, "tune.alpha_step", t.alpha_step, 0, 1, lo_open=True)
     _range(problems, "tune.beta_epoch_fraction", t.beta_epoch_fraction, 0, 1, lo_open=True)
     _range(problems, "tune.alpha_iterations", t.alpha_iterations, 1)
+    _range(problems, "tune.alpha_fraction", t.alpha_fraction, 0, 1, lo_open=True)
     _range(problems, "tune.alpha_epoch_fraction", t.alpha_epoch_fraction, 0, 1, lo_open=True)
     _range(problems, "tune.val_fraction", t.val_fraction, 0, 0.5, lo_open=True)
     _range(problems, "tune.eval_runs", t.eval_runs, 1)

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 
 from distill.config import ConfigError, RunConfig, load_config
+from distill.runtime import DivergedRanksError
 
 # name -> (help, "module:function"); the handler is imported only when its command runs, so that
 # `selmatch --help` stays fast and Ray/DeepSpeed are imported only by the commands that use them.
@@ -69,6 +70,10 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--workers", type=int, default=None,
                        help="parallel Ray workers (0 = train in-process without Ray; default: Ray decides)")
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
+    if name == "run":
+        p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                       help="repetition seeds (selection, distillation and evaluation repeated on "
+                            "the same experts; the report pools them); = the config field seeds")
     if name == "distill":
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     if name == "estimate":
@@ -146,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"selmatch {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # unreadable/unwritable paths, no network: the message, no traceback
+        print(f"selmatch {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     except FloatingPointError as err:  # a diverged distillation: the message says what to change
+        print(f"selmatch {args.command}: {err}", file=sys.stderr)
+        return 1
+    except DivergedRanksError as err:  # ranks drifted apart: a bug or a non-deterministic kernel
         print(f"selmatch {args.command}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -31,11 +31,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageSet:
-    """What one method's evaluation trains on."""
+    """What one method's evaluation trains on, with the row's augmentation and repetition seed
+    (None: ``eval.augment`` or combined, and the run's seed)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     is_distilled: torch.Tensor | None
+    augment: str | None = None
+    seed: int | None = None
+
+    def augment_in(self, cfg: RunConfig) -> str:
+        return self.augment or cfg.eval.augment or "combined"
 
 
 @contextlib.contextmanager
@@ -62,12 +68,13 @@ def run_task(cfg: RunConfig, ds: Dataset, images: ImageSet, run: int, epochs: in
     ev = cfg.eval
     with _threads(ev.num_cpus):
         return run_correct(images.images, images.labels, ds, run=run, model=ev.model,
-                           epochs=epochs, augment=ev.augment, is_distilled=images.is_distilled,
-                           lr=ev.lr, momentum=ev.momentum, weight_decay=ev.weight_decay,
-                           batch_size=ev.batch_size, seed=cfg.seed, device=device)
+                           epochs=epochs, augment=images.augment_in(cfg),
+                           is_distilled=images.is_distilled, lr=ev.lr, momentum=ev.momentum,
+                           weight_decay=ev.weight_decay, batch_size=ev.batch_size,
+                           seed=cfg.seed if images.seed is None else images.seed, device=device)
 
 
-def evaluate_sets(cfg: RunConfig, ds: Dataset, sets: dict[str, ImageSet], *,
+def evaluate_sets(cfg: RunConfig, ds: Dataset, sets: dict, *,
                   reference: Reference | None = None, workers: int | None = None,
                   ray_address: str | None = None, progress: bool = True) -> dict[str, EvalResult]:
     """``eval.runs`` runs of every set; ``workers=0`` in-process, else Ray tasks (at most
@@ -91,7 +98,7 @@ def evaluate_sets(cfg: RunConfig, ds: Dataset, sets: dict[str, ImageSet], *,
         cover = None if reference is None else coverage_of(s.images, reference)
         out[m] = summarize([done[m, k] for k in range(cfg.eval.runs)], reference=reference,
                            coverage=cover, epochs=epochs[m], model=cfg.eval.model,
-                           augment=cfg.eval.augment, n_images=len(s.images))
+                           augment=s.augment_in(cfg), n_images=len(s.images))
     return out
 
 

@@ -32,10 +32,39 @@ def _device(cfg: RunConfig) -> str:
     return "cuda" if cfg.experts.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def chance_level(ds: Dataset) -> float:
+    """Accuracy of always predicting the test set's most frequent class."""
+    counts = torch.bincount(ds.y_test, minlength=ds.info.num_classes)
+    return float(counts.max()) / max(1, len(ds.y_test))
+
+
+def at_chance(entry: dict) -> bool:
+    """An expert whose final test accuracy is within 10% of the way from chance to 100%: it
+    learned (next to) nothing, and trajectories or scores made from it would be noise."""
+    chance = entry.get("chance")
+    if chance is None or not entry.get("test_acc"):
+        return False
+    return entry["test_acc"][-1] <= chance + 0.1 * (1.0 - chance)
+
+
 def train_and_save(cfg: RunConfig, ds: Dataset, expert_id: int, progress: bool = False) -> dict:
     """Train one expert and write its file; returns the manifest entry (runs on a worker)."""
     result = train_expert(cfg, ds, expert_id, device=_device(cfg), progress=progress)
-    return ExpertStore(cfg).save(result)
+    return {**ExpertStore(cfg).save(result), "chance": round(chance_level(ds), 6)}
+
+
+def warn_at_chance(manifest: dict, store_dir: str) -> list[str]:
+    """Log a WARNING per expert that ended at chance accuracy; returns the messages."""
+    out = []
+    for key, entry in sorted(manifest["experts"].items(), key=lambda kv: int(kv[0])):
+        if at_chance(entry):
+            msg = (f"expert {key} ended at chance accuracy: test accuracy "
+                   f"{100 * entry['test_acc'][-1]:.1f}% vs {100 * entry['chance']:.1f}% for always "
+                   f"guessing the largest class ({store_dir}). It learned nothing: check "
+                   f"experts.lr, experts.epochs and the data; its trajectory and scores are noise")
+            log.warning(msg)
+            out.append(msg)
+    return out
 
 
 def train_on_ray(cfg: RunConfig, ds: Dataset, expert_id: int) -> dict:
@@ -50,13 +79,22 @@ def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str 
     """Train every missing expert; returns the manifest. ``workers=0`` trains without Ray."""
     if workers is not None and workers < 0:
         raise ValueError(f"--workers must be >= 0, got {workers}")
+    storage.check_writable(cfg.run_dir)
     store = ExpertStore(cfg)
-    missing = store.missing_ids()
+    manifest = store.manifest()  # settings checked before anything is written
+    for i in store.wanted_ids():  # more than sizes: every recorded file's sha256
+        problem = store.problem(i, deep=True, manifest=manifest) if str(i) in manifest["experts"] \
+            else None
+        if problem is not None:
+            log.warning("%s: retraining expert %d", problem, i)
+    missing = store.missing_ids(deep=True)
     done = cfg.experts.num_experts - len(missing)
     save_config(cfg)
     if not missing:
-        log.info("all %d experts present in %s; nothing to do", cfg.experts.num_experts, store.dir)
-        return store.manifest()
+        log.info("all %d experts present and intact (size and sha256) in %s; nothing to do",
+                 cfg.experts.num_experts, store.dir)
+        warn_at_chance(manifest, store.dir)
+        return manifest
     log.info("%d of %d experts present; training %d (%s)", done, cfg.experts.num_experts,
              len(missing), "in-process" if workers == 0 else "Ray")
     ds = load_configured(cfg.data)
@@ -70,7 +108,9 @@ def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str 
     else:
         _run_on_ray(cfg, ds, missing, store, bar, workers=workers, address=ray_address)
     bar.close()
-    return store.manifest()
+    manifest = store.manifest()
+    warn_at_chance(manifest, store.dir)
+    return manifest
 
 
 def _report(bar: tqdm, entry: dict) -> None:
@@ -111,7 +151,8 @@ def cmd_experts(args, overrides: list[str]) -> int:
 
     cfg = resolve_config(args, overrides)
     manifest = run_experts(cfg, workers=args.workers, ray_address=args.ray_address)
-    accs = [e["test_acc"][-1] for e in manifest["experts"].values() if e["test_acc"]]
+    accs = [manifest["experts"][str(i)]["test_acc"][-1] for i in range(cfg.experts.num_experts)
+            if manifest["experts"][str(i)]["test_acc"]]
     if accs:
         log.info("%d experts in %s; final test accuracy %.4f (min %.4f, max %.4f)", len(accs),
                  os.path.join(cfg.run_dir, "experts"), sum(accs) / len(accs), min(accs), max(accs))

@@ -255,10 +255,19 @@ def test_registry():
         build_augment("combined")(x, make_generator(1))
 
 
-def test_crop_padding_scales_with_image_size():
-    from distill.augment import crop_pad
+def test_crop_padding_is_4_px_at_32_and_64_and_smaller_for_8x8_digits():
+    """App. B.3: random crop padded with 4 pixels, for CIFAR (32) and Tiny ImageNet (64); an 8x8
+    digit gets 1 px (4 px would shift half of it out of the frame)."""
+    from distill.augment import crop_pad, simple_augment
 
-    assert [crop_pad(s) for s in (8, 28, 32, 64)] == [1, 3, 4, 8]
+    assert [crop_pad(s) for s in (8, 28, 32, 64)] == [1, 4, 4, 4]
+    # the shift actually applied at 64 px spans [-4, 4] rows (flips mirror columns 28..36 to 27..35)
+    x = torch.zeros(400, 1, 64, 64)
+    x[:, :, 32, 32] = 1.0
+    out = simple_augment(x, torch.Generator().manual_seed(0))
+    rows, cols = (out[:, 0] > 0.5).nonzero()[:, 1:].T
+    assert len(rows) == 400 and (rows.min(), rows.max()) == (28, 36)
+    assert (cols.min(), cols.max()) == (27, 36)
     # on 8x8 images every output is a shift of at most 1 px (or its mirror), never 2
     x = _images(b=64, c=1, h=8, w=8) + 10.0
     y = simple_augment(x, make_generator(9))

@@ -40,10 +40,29 @@ def test_every_config_validates(path):
     assert isinstance(cfg, RunConfig)
     # The file sets only known fields: loading it raw must not hit defaults for typos.
     raw = yaml.safe_load(open(path))
-    assert set(raw) <= {"run_dir", "seed", "data", "model", "experts", "scores", "select",
+    assert set(raw) <= {"run_dir", "seed", "seeds", "data", "model", "experts", "scores", "select",
                         "distill", "eval", "tune"}
-    if cfg.scores.file:
-        assert os.path.exists(os.path.join(REPO, cfg.scores.file)), cfg.scores.file
+    for path in (cfg.scores.file, cfg.scores.topk_file):
+        if path:
+            assert os.path.exists(os.path.join(REPO, path)), path
+
+
+TABLE5 = [p for p in CONFIGS if os.path.basename(p).startswith(("cifar10_", "cifar100_", "tiny_"))]
+
+
+def test_table5_configs_share_one_syn_lr_start_and_the_papers_rows():
+    """syn_lr starts at experts.lr (MTT's choice, stated in DistillConfig.syn_lr_init) in every
+    Table 5 config; each evaluates rows by the paper's augmentation rule and has a forgetting
+    top-k row (Table 1's "Forgetting")."""
+    from distill.config import syn_lr_init
+
+    assert len(TABLE5) == 10
+    for path in TABLE5:
+        cfg = load_config(path)
+        assert cfg.distill.syn_lr_init is None and syn_lr_init(cfg) == cfg.experts.lr == 0.01, path
+        assert cfg.eval.augment is None and cfg.eval.methods is None, path
+        assert cfg.scores.topk == "forgetting", path
+        assert cfg.scores.kind == "forgetting" or cfg.scores.topk_file, path
 
 
 def _problems(**sections) -> list[str]:

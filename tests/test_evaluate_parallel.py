@@ -9,7 +9,7 @@ from distill.data import load_configured
 from distill.evaluate import Reference, evaluate_config
 from distill.synset import load_synset
 from launch.evaluate import ImageSet, _threads, evaluate_sets, num_gpus
-from launch.pipeline import _stage_baselines
+from launch.stages import ReferenceCache, stage_selection
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,8 @@ def prepared(tmp_path_factory):
     cfg = prepare(tiny_config(run_dir, eval={"model": "convnet", "runs": 3, "epochs": 3,
                                              "batch_size": 16, "num_cpus": 1}))
     ds = load_configured(cfg.data)
-    _stage_baselines(cfg, ds, best_beta=0.2)
+    for name in ("random", "window"):
+        stage_selection(cfg, cfg, name, ds, best_beta=0.2)
     sets = {}
     for method in ("random", "window"):
         s, _ = load_synset(cfg.run_dir, method)
@@ -53,10 +54,8 @@ def test_in_process_matches_the_sequential_library_function(prepared):
 
 
 def test_reference_metrics_computed_in_the_driver(prepared):
-    from launch.pipeline import _reference
-
     cfg, ds, sets = prepared
-    ref: Reference = _reference(cfg, ds)
+    ref: Reference = ReferenceCache(cfg, ds).get()
     res = evaluate_sets(cfg, ds, {"random": sets["random"]}, reference=ref, workers=0,
                         progress=False)["random"]
     assert res.coverage is not None and 0 <= res.coverage <= 1

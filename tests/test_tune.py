@@ -284,10 +284,14 @@ def test_tune_end_to_end_on_digits_with_ray(prepared, ray_local):
         recs = read_jsonl(storage.join(out, kind, "trials.jsonl"))
         assert len(recs) == s["trials"] and all(r["status"] == "ok" for r in recs)
         assert all(0 <= r["metric"] <= 1 and r["epochs"] == 2 for r in recs)  # 20% of 10
+        # the augmentation of the row a trial stands for: window (DSA), SelMatch (combined)
+        assert {r["augment"] for r in recs} == {"dsa" if kind == "beta" else "combined"}
         assert storage.size(storage.join(out, f"{kind}.png")) > 1000
     assert summary["beta"]["grid"] == [0.0, 0.2, 0.4, 0.6, 0.8]
     assert summary["alpha"]["grid"] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    selected = yaml.safe_load(storage.read_text(storage.join(out, "selected.yaml")))
+    text = storage.read_text(storage.join(out, "selected.yaml"))
+    assert "# alpha trials: 2 distillation iterations each (tune.alpha_iterations = 2" in text
+    selected = yaml.safe_load(text)
     assert selected == {"select": {"beta": summary["beta"]["best_value"]},
                         "distill": {"alpha": summary["alpha"]["best_value"]}}
     overlaid = load_config(None, {**selected_overrides(cfg.run_dir), "data.train_per_class": 30})
@@ -300,6 +304,19 @@ def test_tune_end_to_end_on_digits_with_ray(prepared, ray_local):
     again = run_tune(cfg, use_ray=False)  # a restart reuses every finished trial
     assert again["beta"]["new_trials"] == 0 and again["alpha"]["new_trials"] == 0
     assert again["selected"] == summary["selected"]
+
+
+def test_alpha_trial_budget_is_a_fraction_of_the_run_by_default(tmp_path):
+    from tune.trials import alpha_trial_iterations
+
+    cfg = tiny_config(tmp_path, distill={"iterations": 1000})
+    assert cfg.tune.alpha_iterations is None
+    assert alpha_trial_iterations(cfg) == round(cfg.tune.alpha_fraction * 1000)
+    half = tiny_config(tmp_path, distill={"iterations": 1000}, tune={"alpha_fraction": 0.5})
+    assert alpha_trial_iterations(half) == 500
+    fixed = tiny_config(tmp_path, tune={"alpha_iterations": 7, "alpha_fraction": 0.5})
+    assert alpha_trial_iterations(fixed) == 7
+    assert alpha_trial_iterations(tiny_config(tmp_path, tune={"alpha_fraction": 0.01})) == 1
 
 
 def test_tune_config_fields_are_validated():

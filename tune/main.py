@@ -5,6 +5,7 @@
         --tune.beta_bound 0.5 --tune.alpha_bound 0.6   # optima at IPC 250 bound those at 500
     python -m tune --config configs/quickstart.yaml --no-ray           # in-process, no Ray
     python -m tune --config configs/quickstart.yaml --tune.alpha_iterations 20   # CPU smoke run
+                                                   # (default: tune.alpha_fraction of distill.iterations)
 
 Needs the run's experts and scores (``selmatch experts``, ``selmatch scores``). Writes, under
 ``<run_dir>/tune/``:
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -42,20 +42,17 @@ from collections.abc import Callable
 import yaml
 
 from distill import storage
-from distill.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from distill.config import ConfigError, RunConfig, load_config, save_config
 from distill.data import load_configured
+from distill.methods import augment_for
+from distill.freshness import stamp
 from distill.metrics import JsonlSink, read_jsonl
 from distill.scores import load_scores
 from tune.search import HillClimb, make_grid
-from tune.trials import METRIC, TrialContext, alpha_trial, beta_trial
+from tune.trials import METRIC, TrialContext, alpha_trial, alpha_trial_iterations, beta_trial
 
 log = logging.getLogger(__name__)
 
-# what a trial's metric depends on, beyond data, experts, scores, evaluation and seed
-_TUNE_FIELDS = {"beta": ("val_fraction", "eval_runs", "beta_epoch_fraction"),
-                "alpha": ("val_fraction", "eval_runs", "beta_epoch_fraction",
-                          "alpha_epoch_fraction", "alpha_iterations")}
-_DISTILL_NOT_HASHED = ("alpha", "iterations", "checkpoint_every", "log_every", "check_every")
 
 
 def tune_dir(cfg: RunConfig) -> str:
@@ -63,20 +60,13 @@ def tune_dir(cfg: RunConfig) -> str:
 
 
 def settings_hash(cfg: RunConfig, kind: str, beta: float | None = None) -> str:
-    """Hash of what a trial's metric depends on; trials recorded under another hash are redone.
-    Grid steps, bounds, starts and resources only decide which values run where: left out, so
-    a finer grid reuses the trials that lie on it."""
-    full = to_dict(cfg)
-    chosen = {s: full[s] for s in ("data", "model", "experts", "scores", "eval", "seed")}
-    chosen["select.ipc"] = cfg.select.ipc
-    chosen["split"] = "baselines.validation_index, pool = the rest"  # bump if the split changes
-    chosen["tune"] = {k: full["tune"][k] for k in _TUNE_FIELDS[kind]}
+    """Freshness stamp (distill/freshness.py) of what a trial's metric depends on; trials
+    recorded under another stamp are redone."""
+    extra = {"split": "baselines.validation_index, pool = the rest",  # bump if the split changes
+             "augment": augment_for("window" if kind == "beta" else "selmatch", cfg)}
     if kind == "alpha":
-        chosen["distill"] = {k: v for k, v in full["distill"].items()
-                             if k not in _DISTILL_NOT_HASHED}
-        chosen["select.beta"] = beta
-    blob = json.dumps(chosen, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+        extra.update(beta=beta, iterations=alpha_trial_iterations(cfg))
+    return stamp(cfg, f"{kind}_trial", extra=extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,9 +235,15 @@ def plot_search(kind: str, history: list[dict], grid: list[float], best: float, 
 def write_selected(cfg: RunConfig, beta: float, alpha: float) -> str:
     """``selected.yaml``: the two chosen values as a config overlay."""
     url = storage.join(tune_dir(cfg), "selected.yaml")
+    iters = alpha_trial_iterations(cfg)
+    budget = (f"tune.alpha_iterations = {iters}" if cfg.tune.alpha_iterations is not None else
+              f"tune.alpha_fraction {cfg.tune.alpha_fraction:g} x distill.iterations "
+              f"{cfg.distill.iterations}")
     header = (f"# selmatch tune: chosen on validation accuracy ({cfg.tune.val_fraction:g} of each "
               f"class held out of training),\n# never on the test set. Apply with --select.beta "
-              f"{beta:g} --distill.alpha {alpha:g}\n")
+              f"{beta:g} --distill.alpha {alpha:g}\n"
+              f"# alpha trials: {iters} distillation iterations each ({budget}; "
+              f"bench/results/alpha_budget.md measures the choice)\n")
     body = yaml.safe_dump({"select": {"beta": beta}, "distill": {"alpha": alpha}},
                           sort_keys=False)
     storage.write_text(url, header + body)
@@ -270,6 +266,7 @@ def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = 
     local = _local_path(cfg.run_dir)
     if local is not None:  # Ray runs trials in their own working directory
         cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(local))
+    storage.check_writable(cfg.run_dir)
     ds = load_configured(cfg.data)
     scores = load_scores(cfg.run_dir, cfg.scores.kind)
     ctx = TrialContext(cfg, ds, scores)

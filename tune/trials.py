@@ -26,9 +26,13 @@ Decisions:
   (the paper's 20% for CIFAR-10, 10% otherwise); the epochs are those the final evaluation would
   use for this many images (``eval.epochs`` or the ratio rule on the full training set). Every
   trial trains with the run seed, so trials differ only in their images (common random numbers).
-* **α trials** run ``tune.alpha_iterations`` distillation iterations in their own directory, with
+* **α trials** run :func:`alpha_trial_iterations` distillation iterations (``tune.alpha_fraction``
+  of ``distill.iterations`` unless ``tune.alpha_iterations`` is set) in their own directory, with
   the main run's experts read in place (nothing is copied), and resume from their checkpoint when a
-  killed trial is run again with the same settings.
+  killed trial is run again with the same settings. App. E gives no shortened budget for α; the
+  default fraction is measured in bench/results/alpha_budget.md.
+* **Augmentation by the row a trial stands for** (distill/methods.py): a β trial scores a window
+  (a selection row: DSA), an α trial a SelMatch set (combined), unless ``eval.augment`` is set.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from distill.config import RunConfig, syn_lr_init
 from distill.data import Dataset
 from distill.distiller import Distiller
 from distill.evaluate import eval_epochs, evaluate_config
+from distill.methods import augment_for
 from distill.metrics import JsonlSink, Metrics
 from distill.scores import Scores
 from distill.selection import Selection, select_window, window_start
@@ -144,11 +149,21 @@ class TrialContext:
               kind: str) -> dict:
         """Train the evaluation network on the images and test it on the validation set."""
         epochs = trial_epochs(self.cfg, len(images), len(self.ds.y_train), kind)
+        augment = augment_for("window" if kind == "beta" else "selmatch", self.cfg)
         res = evaluate_config(images, labels, self.val_ds, self.cfg.eval,
                               is_distilled=is_distilled, seed=self.cfg.seed, device=self.device,
-                              runs=self.cfg.tune.eval_runs, epochs=epochs, progress=False)
+                              runs=self.cfg.tune.eval_runs, epochs=epochs, augment=augment,
+                              progress=False)
         return {METRIC: res.mean, "val_std": res.std, "epochs": epochs, "n_images": len(images),
-                "n_val": len(self.val)}
+                "n_val": len(self.val), "augment": augment}
+
+
+def alpha_trial_iterations(cfg: RunConfig) -> int:
+    """Distillation iterations of one α trial: ``tune.alpha_iterations`` if set, else
+    round(``tune.alpha_fraction`` × ``distill.iterations``), at least 1."""
+    if cfg.tune.alpha_iterations is not None:
+        return cfg.tune.alpha_iterations
+    return max(1, math.floor(cfg.tune.alpha_fraction * cfg.distill.iterations + 0.5))
 
 
 def beta_trial(ctx: TrialContext, beta: float) -> dict:
@@ -164,7 +179,7 @@ def alpha_trial(ctx: TrialContext, alpha: float, *, beta: float, trial_dir: str,
     """A shortened distillation at (β, α) in ``trial_dir``, then the β trial's score."""
     t0 = time.perf_counter()
     base = ctx.cfg
-    iters = base.tune.alpha_iterations
+    iters = alpha_trial_iterations(base)
     cfg = dataclasses.replace(
         base, run_dir=trial_dir,
         select=dataclasses.replace(base.select, beta=beta, init="window"),

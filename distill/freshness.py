@@ -1,0 +1,115 @@
+"""Freshness: one rule for every stage's artifact. It is fresh only if everything that made it matches.
+
+Each stage declares, in :data:`STAGES`, the config fields its result depends on; the caller adds
+the digests of the artifacts it read (expert files, the scores array, a synthetic set). A
+:func:`stamp` is the hash of both, stored beside the artifact (a JSON manifest, or the ``meta`` of a
+``.pt`` file). A stage reuses its artifact when the stored stamp equals the one computed now and
+redoes it otherwise, so a changed field or a changed input (a retrained expert, new scores) makes
+everything downstream stale without each stage keeping its own list of what matters.
+
+What is deliberately left out: resources and bookkeeping that do not change a result's meaning
+(``experts.num_cpus``, ``distill.checkpoint_every``, ``distill.num_threads``, ...). Distillation has
+two stamps: ``distill`` (everything, iterations included: the finished set) and
+``distill_resume`` (everything but the iteration count: a checkpoint that a longer run may
+continue from).
+
+    want = stamp(cfg, "scores", inputs={"experts": experts_digest(cfg)})
+    if is_fresh(stored.get("stamp"), want): skip
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from distill.config import RunConfig, to_dict
+
+
+@dataclass(frozen=True)
+class StageFields:
+    """Dotted config fields (a whole section, or ``section.field``) and fields excluded from them."""
+
+    include: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+
+
+_RESOURCES = ("experts.num_cpus", "experts.num_gpus")
+# how often to save, log and check, and how the same mathematics runs: eager or compiled, CUDA
+# graphs, groups per call, ranks per BN group (equal results, tested; precision is kept: TF32
+# changes the numbers)
+_DISTILL_BOOKKEEPING = ("distill.checkpoint_every", "distill.log_every", "distill.check_every",
+                        "distill.num_threads", "distill.compile", "distill.cuda_graphs",
+                        "distill.groups_per_call", "distill.group_ranks")
+
+STAGES: dict[str, StageFields] = {
+    # one expert: its number is a pure function of these (how many experts is not among them)
+    "expert": StageFields(("data", "model", "experts", "seed"),
+                          ("experts.num_experts", *_RESOURCES)),
+    "scores": StageFields(("data", "scores.kind", "scores.file", "scores.key")),
+    "topk_scores": StageFields(("data", "scores.topk", "scores.topk_file")),
+    "window": StageFields(("data", "select.ipc", "eval", "tune.beta_step",
+                           "tune.beta_epoch_fraction", "seed"),
+                          ("eval.runs", "eval.methods", "eval.num_cpus", "eval.num_gpus")),
+    "selection": StageFields(("data", "select", "distill.alpha", "seed")),
+    "distill": StageFields(("data", "model", "select", "distill", "experts.lr", "seed"),
+                           _DISTILL_BOOKKEEPING),
+    "distill_resume": StageFields(("data", "model", "select", "distill", "experts.lr", "seed"),
+                                  (*_DISTILL_BOOKKEEPING, "distill.iterations")),
+    "evaluate": StageFields(("data", "eval", "seed"), ("eval.methods", "eval.num_cpus", "eval.num_gpus")),
+    # trials of `selmatch tune` (grid steps, bounds, starts, resources only decide which values run
+    # where, so a finer grid reuses the trials that lie on it)
+    "beta_trial": StageFields(("data", "model", "experts", "scores", "eval", "seed", "select.ipc",
+                               "tune.val_fraction", "tune.eval_runs", "tune.beta_epoch_fraction"),
+                              ("eval.methods", "eval.num_cpus", "eval.num_gpus", *_RESOURCES)),
+    "alpha_trial": StageFields(("data", "model", "experts", "scores", "eval", "seed", "select.ipc",
+                                "tune.val_fraction", "tune.eval_runs", "tune.beta_epoch_fraction",
+                                "tune.alpha_epoch_fraction", "distill"),
+                               ("eval.methods", "eval.num_cpus", "eval.num_gpus", *_RESOURCES,
+                                *_DISTILL_BOOKKEEPING,
+                                "distill.alpha", "distill.iterations")),
+}
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def stage_fields(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The config values ``stage`` depends on, by dotted name."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    spec = STAGES[stage]
+    tree = to_dict(cfg)
+    out: dict[str, Any] = {}
+    for key in spec.include:
+        value = _get(tree, key)
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    for key in spec.exclude:
+        out.pop(key, None)
+    return out
+
+
+def digest(obj: Any) -> str:
+    """Short stable hash of a JSON-serialisable object."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def stamp(cfg: RunConfig, stage: str, *, inputs: dict[str, str] | None = None,
+          extra: dict[str, Any] | None = None) -> str:
+    """What made an artifact of ``stage``: its config fields, the digests of the artifacts it read
+    (``inputs``), and anything else that decides it (``extra``, e.g. the augmentation a row uses)."""
+    return digest({"stage": stage, "fields": stage_fields(cfg, stage),
+                   "inputs": dict(inputs or {}), "extra": dict(extra or {})})
+
+
+def is_fresh(stored: str | None, wanted: str) -> bool:
+    return stored is not None and stored == wanted

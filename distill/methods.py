@@ -1,0 +1,103 @@
+"""The report's rows: which synthetic set each evaluates, how it is made, and its augmentation.
+
+The paper compares methods under one rule (§5.1): "we evaluate all methods with ResNet18
+architecture and DSA augmentation (combined augmentation for SelMatch)". So every selection and
+distillation baseline trains its evaluation networks with DSA, and combined augmentation (DSA on
+the distilled rows, crop + flip on the selected real rows) is reserved for SelMatch and the rows
+that have both parts. ``eval.augment`` overrides the rule for every row (ablations).
+
+Table 3's ablation (CIFAR-100, IPC 100) is four rows built from the same experts and budget:
+
+| row | select init | partial update | combined augment |
+| --- | --- | --- | --- |
+| ``mtt`` | | | |
+| ``init_full`` | ✓ | | |
+| ``selmatch_dsa`` | ✓ | ✓ | |
+| ``selmatch`` | ✓ | ✓ | ✓ |
+
+plus ``init``: SelMatch's starting set alone (the window at the configured β, α = 0: nothing
+distilled; the same images as ``synset/selmatch_init.pt``), which says what distillation added.
+``selmatch_dsa`` evaluates the same set as ``selmatch``; only the augmentation differs.
+
+A row's set is made by a selection (cheap, deterministic given the scores and the seed) or by a
+distillation (:func:`distill_config` gives its config); ``eval.methods`` names the rows to compute,
+and the sets no chosen row needs are never made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from distill.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str                 # eval/<name>.json, the row's key in results.json
+    label: str                # the report's row label ({score} = the score kind used)
+    synset: str               # the set it evaluates: synset/<synset>.pt
+    augment: str              # the paper's rule for this row: dsa or combined
+    made_by: str              # selection or distill
+    table3: tuple[bool, bool, bool] | None = None  # (select init, partial update, combined)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("random", "Random selection", "random", "dsa", "selection"),
+    Method("topk", "Top-k hardest ({score})", "topk", "dsa", "selection"),
+    Method("window", "Oracle window (best β)", "window", "dsa", "selection"),
+    Method("init", "SelMatch init alone (window at β, α = 0)", "init", "dsa", "selection"),
+    Method("mtt", "MTT (random init, full update)", "mtt", "dsa", "distill", (False, False, False)),
+    Method("init_full", "Select init + full update (α = 1)", "init_full", "dsa", "distill",
+           (True, False, False)),
+    Method("selmatch_dsa", "Select init + partial update (DSA eval)", "selmatch", "dsa", "distill",
+           (True, True, False)),
+    Method("selmatch", "SelMatch (combined augmentation)", "selmatch", "combined", "distill",
+           (True, True, True)),
+    Method("merge", "Merge (ablation: D_distill matched alone)", "merge", "combined", "distill"),
+)}
+
+PAPER_METHODS = ("random", "topk", "window", "init", "mtt", "init_full", "selmatch_dsa", "selmatch")
+"""What ``selmatch run`` computes by default: Table 1's selection baselines and MTT, Table 3's
+ablation rows, the init alone, SelMatch."""
+
+
+def chosen(cfg: RunConfig) -> list[str]:
+    """The rows ``cfg`` asks for (``eval.methods``, default :data:`PAPER_METHODS`), in table order."""
+    names = cfg.eval.methods if cfg.eval.methods is not None else PAPER_METHODS
+    return [m for m in METHODS if m in names]
+
+
+def augment_for(name: str, cfg: RunConfig) -> str:
+    """The augmentation row ``name`` is evaluated with: ``eval.augment`` if set, else the rule."""
+    return cfg.eval.augment or METHODS[name].augment
+
+
+def synsets_needed(cfg: RunConfig) -> list[str]:
+    """Synthetic sets the chosen rows evaluate, each once, in table order."""
+    out: list[str] = []
+    for name in chosen(cfg):
+        if METHODS[name].synset not in out:
+            out.append(METHODS[name].synset)
+    return out
+
+
+def distill_config(cfg: RunConfig, synset: str) -> RunConfig:
+    """The config that distils ``synset`` (selmatch, mtt, init_full or merge) from ``cfg``.
+
+    MTT is random init + α = 1 (β does not matter: set to 0 so that changing β leaves MTT fresh);
+    init_full is the window at the configured β + α = 1; merge is SelMatch matched on D_distill
+    alone; selmatch is the config itself with a window init and the joint loss."""
+    sel, dis = cfg.select, cfg.distill
+    variants = {
+        "selmatch": (dict(init="window"), dict(mode="joint")),
+        "mtt": (dict(init="random", beta=0.0), dict(alpha=1.0, mode="joint")),
+        "init_full": (dict(init="window"), dict(alpha=1.0, mode="joint")),
+        "merge": (dict(init="window"), dict(mode="merge")),
+    }
+    if synset not in variants:
+        raise ValueError(f"{synset!r} is not made by distillation; distilled sets: "
+                         f"{', '.join(variants)}")
+    s, d = variants[synset]
+    return dataclasses.replace(cfg, select=dataclasses.replace(sel, **s),
+                               distill=dataclasses.replace(dis, **d))
