@@ -37,7 +37,10 @@ SHAPE = ["--data.name", "synthetic", "--data.root", "null",
                            "image_size: 32, channels: 3}",
          "--scores.kind", "forgetting", "--scores.file", "null", "--select.beta", "0.2",
          "--experts.num_experts", "2", "--experts.epochs", "4", "--distill.max_start_epoch", "2",
-         "--distill.log_every", "1", "--distill.checkpoint_every", "1000"]
+         "--distill.log_every", "1", "--distill.checkpoint_every", "1000",
+         # timing only: the images' learning rate does not change the work of an iteration, and
+         # a small one keeps generated data from tripping the divergence guard
+         "--distill.lr_images", "1"]
 SMOKE = ["--data.options", "{num_classes: 3, per_class: 30, test_per_class: 5, image_size: 8, "
                            "channels: 1}",
          "--model.width", "8", "--select.ipc", "10", "--distill.batch_syn", "10",

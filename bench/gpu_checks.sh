@@ -16,6 +16,11 @@
 #       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl kornia==0.9.0 kornia_rs==0.2.0
 #   mkdir -p .data/fashion_mnist && cp /usr/share/datasets/fashion-mnist/*.gz .data/fashion_mnist/
 # then call the device tool with carry [".whl", ".data"] and this script; results land in $OUT.
+# To check on a CPU that nothing imports what the GPU image lacks (Ray, scikit-learn, TensorBoard,
+# DeepSpeed), shadow them with stubs that raise ImportError and run the smoke modes:
+#   mkdir -p /tmp/block; for m in ray sklearn tensorboard tensorboardX deepspeed; do mkdir -p /tmp/block/$m;
+#     echo "raise ImportError('$m: not on the GPU image')" > /tmp/block/$m/__init__.py; done
+#   PYTHONPATH=/tmp/block SMOKE=1 bash bench/gpu_checks.sh matching     (passed 2026-11-30)
 # Nothing here needs Ray: experts are trained in-process (--workers 0).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
