@@ -26,16 +26,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.augment import make_generator
 from distill.config import RunConfig
 from distill.data import Dataset
 from distill.evaluate import eval_epochs, evaluate_config
 from distill.methods import augment_for
+from distill.rng import VALIDATION_SPLIT
 from distill.scores import Scores
 from distill.selection import make_selection, select_window
 from distill.synset import SyntheticSet
 
-_VAL = 51  # generator stream tag
 _INITS = {"random": "random", "topk": "topk", "window": "window", "init": "window"}
 
 
@@ -45,7 +44,7 @@ def validation_index(ds: Dataset, fraction: float = 0.1, seed: int = 0) -> np.nd
     out = []
     for c in range(ds.info.num_classes):
         idx = np.flatnonzero(labels == c)
-        perm = torch.randperm(len(idx), generator=make_generator(seed, _VAL, c)).numpy()
+        perm = torch.randperm(len(idx), generator=VALIDATION_SPLIT.generator(seed, c)).numpy()
         out.append(idx[perm[:max(1, int(round(fraction * len(idx))))]])
     return np.sort(np.concatenate(out))
 

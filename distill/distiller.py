@@ -17,13 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from distill import storage
-from distill.augment import DSA, make_generator
+from distill.augment import DSA
 from distill.config import RunConfig, batch_syn, bn_group
 from distill.data import Dataset
 from distill.experts import build_network
 from distill.freshness import stamp
 from distill.matching import LOCAL, Collectives, make_plan, match_replay, theta_pair
 from distill.metrics import Metrics
+from distill.rng import SEGMENT
 from distill.runtime import cpu_threads
 from distill.student import Student, set_precision
 from distill.synset import SyntheticSet
@@ -31,7 +32,6 @@ from distill.trajectories import ExpertStore
 
 log = logging.getLogger(__name__)
 
-_SAMPLE = 41  # generator stream tag for (expert, start epoch)
 _LOSS_START = 5  # iterations whose mean loss is the divergence guard's reference
 
 
@@ -143,7 +143,7 @@ class Distiller:
     # -- one iteration -----------------------------------------------------------------------
 
     def sample_segment(self, iteration: int) -> tuple[int, int]:
-        gen = make_generator(self.cfg.seed, _SAMPLE, iteration)
+        gen = SEGMENT.generator(self.cfg.seed, iteration)
         expert = self.expert_ids[int(torch.randint(len(self.expert_ids), (1,), generator=gen))]
         start = int(torch.randint(self.cfg.distill.max_start_epoch, (1,), generator=gen))
         return expert, start

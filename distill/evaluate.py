@@ -15,7 +15,7 @@ Decisions:
 * Every random choice derives from the seed and a position (STYLE.md §8): run k of
   :func:`evaluate_images` trains with a seed derived from (seed, k); inside
   :func:`train_network` the initialisation, the shuffle of each epoch and the augmentation of
-  each step draw from separate generators (tags below). Nothing reads the clock. On CPU the same
+  each step draw from separate generators (distill/rng.py). Nothing reads the clock. On CPU the same
   seed gives bitwise identical networks; on CUDA the convolution backward may differ in the last
   bits between runs.
 * A trailing minibatch of a single sample is merged into the previous one, so BatchNorm in train
@@ -38,9 +38,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from distill.augment import AUGMENTS, build_augment, make_generator
+from distill.augment import AUGMENTS, build_augment
 from distill.data import Dataset
 from distill.models import build_model
+from distill.rng import (
+    EVAL_AUGMENT,
+    EVAL_INIT,
+    EVAL_RADIUS,
+    EVAL_RUN,
+    EVAL_SHUFFLE,
+    derived_seed,
+    seeded,
+)
 from distill.runtime import cpu_threads
 
 __all__ = [
@@ -48,9 +57,6 @@ __all__ = [
     "evaluate_config", "evaluate_images", "nn_radius", "run_correct", "summarize", "train_network",
 ]  # fmt: skip
 
-# Stream tags: keep the generators of different purposes apart for the same seed and position.
-_INIT, _SHUFFLE, _AUGMENT, _RUN, _RADIUS = 21, 22, 23, 24, 25
-_RADIUS_SEED = 0  # the radius subset is a property of the dataset, not of the run seed
 _CHUNK = 1024  # rows per cdist block: 1024 × 50k distances are 200 MB in float32
 
 
@@ -82,11 +88,6 @@ def eval_epochs(ratio: float, *, full_epochs: int = 200, budget: float = 0.25) -
 # --------------------------------------------------------------------------------------------
 # Training one network
 # --------------------------------------------------------------------------------------------
-
-
-def _derived_seed(*position: int) -> int:
-    """An integer seed drawn from the generator of `position` (for torch.manual_seed etc.)."""
-    return int(torch.randint(0, 2**62, (1,), generator=make_generator(*position)))
 
 
 def _check_training_inputs(images: Tensor, labels: Tensor, num_classes: int, epochs: int,
@@ -128,8 +129,7 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 
 def _fresh_network(model: str, images: Tensor, num_classes: int, seed: int) -> nn.Module:
     """Default-width network, initialised on CPU from a seed-derived value (device independent)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_derived_seed(seed, _INIT))
+    with seeded(EVAL_INIT.generator(seed)):
         return build_model(model, in_channels=images.shape[1], num_classes=num_classes,
                            image_size=images.shape[2])
 
@@ -158,10 +158,10 @@ def train_network(images: Tensor, labels: Tensor, *, num_classes: int, model: st
     aug = build_augment(augment)
     bar = tqdm(range(epochs), desc=f"train {model}", disable=not progress, leave=False)
     for epoch in bar:
-        order = torch.randperm(n, generator=make_generator(seed, _SHUFFLE, epoch))
+        order = torch.randperm(n, generator=EVAL_SHUFFLE.generator(seed, epoch))
         total = 0.0
         for step, idx in enumerate(_batches(order, batch_size)):
-            gen = make_generator(seed, _AUGMENT, epoch, step)
+            gen = EVAL_AUGMENT.generator(seed, epoch, step)
             xb = aug(x[idx.to(device)], gen, dsa_mask=mask[idx])
             loss = F.cross_entropy(net(xb), y[idx.to(device)])
             opt.zero_grad(set_to_none=True)
@@ -299,7 +299,7 @@ class Reference:
         n_train = len(ds.y_train)
         keep = torch.arange(n_train)
         if n_train > max_train:
-            gen = make_generator(_RADIUS_SEED, _RADIUS)
+            gen = EVAL_RADIUS.generator(0)  # a property of the dataset, not of the run seed
             keep = torch.randperm(n_train, generator=gen)[:max_train].sort().values
         radius = nn_radius(feature_fn(ds.x_train[keep]))
         return cls(easy=easy, feature_fn=feature_fn, radius=radius, test_features=test_features)
@@ -399,7 +399,7 @@ def run_correct(images: Tensor, labels: Tensor, ds: Dataset, *, run: int, model:
     net = train_network(images, labels, num_classes=ds.num_classes, model=model, epochs=epochs,
                         lr=lr, momentum=momentum, weight_decay=weight_decay,
                         batch_size=batch_size, augment=augment, is_distilled=is_distilled,
-                        seed=_derived_seed(seed, _RUN, run), device=device, progress=progress)
+                        seed=derived_seed(EVAL_RUN.generator(seed, run)), device=device, progress=progress)
     return _predict(net, ds.x_test) == ds.y_test.cpu()
 
 

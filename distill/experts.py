@@ -23,16 +23,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from distill.augment import DSA, make_generator
+from distill.augment import DSA
 from distill.config import RunConfig
 from distill.data import Dataset
 from distill.models import ParamLayout, build_model
+from distill.rng import EXPERT_AUGMENT, EXPERT_INIT, EXPERT_SHUFFLE, seeded
 from distill.runtime import cpu_threads
 
 log = logging.getLogger(__name__)
-
-# Stream tags keep the generators of different purposes apart for the same (seed, expert, epoch).
-_INIT, _SHUFFLE, _AUGMENT = 11, 12, 13
 
 
 @dataclass
@@ -77,9 +75,7 @@ def build_network(cfg: RunConfig, ds: Dataset, *, name: str | None = None) -> to
 
 
 def _init_model(cfg: RunConfig, ds: Dataset, expert_id: int, device: torch.device) -> torch.nn.Module:
-    seed = int(torch.randint(0, 2**62, (1,), generator=make_generator(cfg.seed, _INIT, expert_id)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(EXPERT_INIT.generator(cfg.seed, expert_id)):
         model = build_network(cfg, ds)
     return model.to(device)
 
@@ -156,13 +152,13 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Te
     """One pass over the shuffled training set; records per-sample minibatch correctness."""
     bs = cfg.experts.batch_size
     n = len(y)
-    order = torch.randperm(n, generator=make_generator(cfg.seed, _SHUFFLE, expert_id, epoch))
+    order = torch.randperm(n, generator=EXPERT_SHUFFLE.generator(cfg.seed, expert_id, epoch))
     total, count = 0.0, 0
     for step, start in enumerate(range(0, n, bs)):
         idx = order[start:start + bs]
         xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
         if dsa is not None:
-            gen = make_generator(cfg.seed, _AUGMENT, expert_id, epoch, step)
+            gen = EXPERT_AUGMENT.generator(cfg.seed, expert_id, epoch, step)
             xb, _ = dsa(xb, gen)
         out = model(xb)
         loss = F.cross_entropy(out, yb)

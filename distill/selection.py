@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill.augment import make_generator
+from distill.rng import RANDOM_SELECTION
 from distill.scores import Scores
 
 _EPS = 1e-9  # floor(0.7 * 500) must be 350, not 349 (0.7 * 500 = 349.99999999999994)
@@ -122,7 +122,7 @@ def select_random(labels: np.ndarray, num_classes: int, ipc: int, alpha: float,
         idx = np.flatnonzero(labels == c)
         if ipc > len(idx):
             raise ValueError(f"select.ipc {ipc} exceeds the {len(idx)} samples of class {c}")
-        perm = torch.randperm(len(idx), generator=make_generator(seed, 21, c)).numpy()
+        perm = torch.randperm(len(idx), generator=RANDOM_SELECTION.generator(seed, c)).numpy()
         parts.append(np.sort(idx[perm[:ipc]]))
     return _assemble(parts, ipc, alpha, "random", None)
 
