@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from distill.config import load_config
+from distill.config_io import load_config
 from distill.data import load_configured
 from distill.distiller import Distiller
 from distill.evaluate import evaluate_config

@@ -30,7 +30,8 @@ import logging
 import sys
 
 from distill import storage
-from distill.config import ConfigError, RunConfig, load_config, save_config, syn_lr_init
+from distill.config import ConfigError, RunConfig, syn_lr_init
+from distill.config_io import load_config, save_config
 from distill.data import Dataset, load_configured
 from distill.distiller import Distiller, StaleCheckpointError, method_name
 from distill.estimate import log_summary

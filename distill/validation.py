@@ -12,8 +12,14 @@ import importlib.util
 import math
 from typing import Any
 
+from distill import data as data_mod
+from distill import models as models_mod
 from distill.config import ConfigError, RunConfig, batch_syn
 from distill.imagefolder import MalformedFolderError
+from distill.methods import METHODS
+from distill.scores import SCORE_KINDS
+from distill.selection import INITS as SELECT_INITS
+from distill.student import PRECISIONS, compile_choice
 
 EXPERT_AUGMENTS = ("dsa", "none")
 DISTILL_AUGMENTS = ("dsa", "none")
@@ -64,12 +70,6 @@ def _range(problems: list[str], path: str, value: float | None, lo: float | None
 
 def validate_config(cfg: RunConfig) -> RunConfig:
     """Check every field and the relations between them; raise one ConfigError listing all."""
-    from distill import data as data_mod
-    from distill import models as models_mod
-    from distill.scores import SCORE_KINDS
-    from distill.selection import INITS as SELECT_INITS
-    from distill.student import PRECISIONS, compile_choice
-
     problems: list[str] = _non_finite(cfg)
     _range(problems, "seed", cfg.seed, 0)
     if cfg.seeds is not None:
@@ -194,8 +194,6 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     if ev.augment is not None:
         _choice(problems, "eval.augment", ev.augment, EVAL_AUGMENTS)
     if ev.methods is not None:
-        from distill.methods import METHODS
-
         if not ev.methods:
             problems.append("eval.methods must name at least one row (or be null for the "
                             "paper's set), got []")

@@ -18,7 +18,8 @@ import logging
 import sys
 from collections.abc import Callable
 
-from distill.config import ConfigError, RunConfig, load_config
+from distill.config import ConfigError
+from distill.config_io import load_config
 from distill.runtime import DivergedRanksError
 
 # name -> (help, "module:function"); the handler is imported only when its command runs, so that
@@ -93,19 +94,15 @@ def _load(target: str) -> Callable[..., int | None]:
     return getattr(importlib.import_module(module), func)
 
 
-def resolve_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
-    return load_config(getattr(args, "config", None), overrides)
-
-
 # --------------------------------------------------------------------------------------------
 # Built-in commands
 # --------------------------------------------------------------------------------------------
 
 
 def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
-    from distill.config import dump_yaml
+    from distill.config_io import dump_yaml
 
-    cfg = resolve_config(args, overrides)
+    cfg = load_config(args.config, overrides)
     sys.stdout.write(dump_yaml(cfg))
     return 0
 

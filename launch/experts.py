@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from distill import storage
-from distill.config import RunConfig, save_config
+from distill.config import RunConfig
+from distill.config_io import load_config, save_config
 from distill.data import Dataset, load_configured
 from distill.experts import train_expert
 from distill.trajectories import ExpertStore
@@ -147,9 +148,7 @@ def _run_on_ray(cfg: RunConfig, ds: Dataset, missing: list[int], store: ExpertSt
 
 
 def cmd_experts(args, overrides: list[str]) -> int:
-    from launch.cli import resolve_config
-
-    cfg = resolve_config(args, overrides)
+    cfg = load_config(args.config, overrides)
     manifest = run_experts(cfg, workers=args.workers, ray_address=args.ray_address)
     accs = [manifest["experts"][str(i)]["test_acc"][-1] for i in range(cfg.experts.num_experts)
             if manifest["experts"][str(i)]["test_acc"]]

@@ -21,7 +21,8 @@ import sys
 
 from distill import storage
 from distill.baselines import baseline_set
-from distill.config import RunConfig, dump_yaml, repetitions, save_config
+from distill.config import RunConfig
+from distill.config_io import dump_yaml, load_config, repetitions, save_config
 from distill.data import load_configured
 from distill.estimate import log_summary
 from distill.methods import METHODS, chosen, synsets_needed
@@ -94,9 +95,7 @@ def run_pipeline(cfg: RunConfig, *, workers: int | None = None, ray_address: str
 
 def cmd_window(args, overrides: list[str]) -> int:
     """``selmatch window``: the β grid search and the oracle-window set at the best β."""
-    from launch.cli import resolve_config
-
-    cfg = resolve_config(args, overrides)
+    cfg = load_config(args.config, overrides)
     storage.check_writable(cfg.run_dir)
     ds = load_configured(cfg.data)
     scores = load_scores(cfg.run_dir, cfg.scores.kind)  # checked before anything is written
@@ -113,9 +112,7 @@ def cmd_window(args, overrides: list[str]) -> int:
 
 def cmd_evaluate(args, overrides: list[str]) -> int:
     """``selmatch evaluate``: evaluate every chosen row whose set is present in ``synset/``."""
-    from launch.cli import resolve_config
-
-    cfg = resolve_config(args, overrides)
+    cfg = load_config(args.config, overrides)
     names = [m for m in chosen(cfg) if storage.exists(
         storage.join(cfg.run_dir, "synset", f"{METHODS[m].synset}.pt"))]
     if not names:
@@ -132,11 +129,9 @@ def cmd_evaluate(args, overrides: list[str]) -> int:
 
 
 def cmd_run(args, overrides: list[str]) -> int:
-    from launch.cli import resolve_config
-
     if args.seeds:
         overrides = [*overrides, f"--seeds=[{', '.join(map(str, args.seeds))}]"]
-    cfg = resolve_config(args, overrides)
+    cfg = load_config(args.config, overrides)
     log_summary(cfg, ranks=1, device=device())
     command = "selmatch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(run_pipeline(cfg, workers=args.workers, ray_address=args.ray_address, command=command))

@@ -7,7 +7,7 @@ because it should run longer continues from its checkpoint.
 
 Repetitions: ``rep`` is the config of one repetition seed (``seed`` = that seed, ``run_dir`` = its
 directory); ``base`` is the run itself, owner of the experts, the scores
-and the window search, which all repetitions share (distill.config.repetitions).
+and the window search, which all repetitions share (distill.config_io.repetitions).
 """
 
 from __future__ import annotations

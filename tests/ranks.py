@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distill.augment import DSA
-from distill.config import load_config
+from distill.config_io import load_config
 from distill.data import load_configured
 from distill.distiller import Distiller
 from distill.main import initial_set, run_distill

@@ -90,7 +90,7 @@ def test_import_scores_command(tmp_path, capsys):
 
 
 def test_window_and_evaluate_commands(tmp_path, capsys):
-    from distill.config import dump_yaml
+    from distill.config_io import dump_yaml
     from tiny import prepare, tiny_config
 
     cfg = prepare(tiny_config(tmp_path, eval={"model": "convnet", "runs": 1, "epochs": 2,
@@ -116,7 +116,7 @@ def test_diverged_distillation_exits_1_with_message(tmp_path, capsys, monkeypatc
         raise DivergenceError(f"matching loss or gradient is not finite at iteration {iteration}")
 
     monkeypatch.setattr(Distiller, "step", diverge)
-    from distill.config import dump_yaml
+    from distill.config_io import dump_yaml
     from tiny import prepare, tiny_config
 
     path = tmp_path / "cfg.yaml"

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from distill import estimate as est
-from distill.config import load_config
+from distill.config_io import load_config
 from distill.matching import Student, make_plan, match_replay
 from distill.models import ParamLayout, build_model
 from distill.profiles import Profile, group_step_seconds, iteration_time, load_profiles

@@ -11,7 +11,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distill import storage
-from distill.config import ConfigError, dump_yaml
+from distill.config import ConfigError
+from distill.config_io import dump_yaml
 from distill.metrics import JsonlSink, Metrics, TensorBoardSink, read_jsonl
 from launch.cli import main
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from distill import storage
-from distill.config import ConfigError, load_config
+from distill.config import ConfigError
+from distill.config_io import load_config
 from distill.data import load_configured
 from distill.metrics import read_jsonl
 from distill.scores import load_scores

@@ -42,7 +42,8 @@ from collections.abc import Callable
 import yaml
 
 from distill import storage
-from distill.config import ConfigError, RunConfig, load_config, save_config
+from distill.config import ConfigError, RunConfig
+from distill.config_io import load_config, save_config
 from distill.data import load_configured
 from distill.methods import augment_for
 from distill.freshness import stamp
@@ -321,9 +322,7 @@ def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = 
 
 def cmd_tune(args, overrides: list[str]) -> int:
     """``selmatch tune --config F [--ray-address A]``."""
-    from launch.cli import resolve_config
-
-    run_tune(resolve_config(args, overrides), ray_address=getattr(args, "ray_address", None),
+    run_tune(load_config(args.config, overrides), ray_address=getattr(args, "ray_address", None),
              use_ray=not getattr(args, "no_ray", False))
     return 0
 

@@ -90,7 +90,7 @@ def pool_window(scores: Scores, labels: np.ndarray, pool: np.ndarray, num_classe
 
 def feasible_beta(beta: float, *, ipc: int, pool_sizes: list[int], min_class_size: int) -> bool:
     """The window fits in every class's pool, and the value is valid for the final config
-    (``select.beta + select.ipc / smallest class <= 1``, as distill.config.validate checks)."""
+    (``select.beta + select.ipc / smallest class <= 1``, as distill.validation checks)."""
     if not 0 <= beta < 1 or beta + ipc / min_class_size > 1 + 1e-9:
         return False
     return all(window_start(n, beta) + ipc <= n for n in pool_sizes)
