@@ -36,6 +36,7 @@ import torch
 from distill import imagefolder
 from distill.data_formats import (
     _CIFAR10,
+    DatasetInfo,
     _CIFAR100,
     _IDX_NAMES,
     _TINY,
@@ -62,22 +63,6 @@ class UnknownDatasetError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would show the repr() of the message
         return str(self.args[0]) if self.args else ""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Static facts about a dataset, known without loading it (config validation uses them)."""
-
-    name: str
-    num_classes: int
-    image_shape: tuple[int, int, int]  # (C, H, W)
-    train_size: int | None  # None when it depends on options
-    test_size: int | None
-    min_class_size: int  # fewest TRAIN samples in a class: the largest IPC a selection can take
-    mean: tuple[float, ...]  # per channel, of [0, 1] pixels; defines the model input space
-    std: tuple[float, ...]
-    description: str
-    how_to_get: str  # one line: how to make the files available on a machine
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,7 +11,6 @@ import logging
 import math
 import resource
 import time
-from collections import OrderedDict
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +27,7 @@ from distill.rng import SEGMENT
 from distill.runtime import cpu_threads
 from distill.student import Student, set_precision
 from distill.synset import SyntheticSet
-from distill.trajectories import ExpertStore
+from distill.trajectories import ExpertStore, TrajectoryCache
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +69,6 @@ def check_resumable(state: dict, cfg: RunConfig, key: str, url: str) -> None:
             f"{url} is at iteration {int(state['iteration'])}, past distill.iterations = "
             f"{cfg.distill.iterations}: a shorter run cannot continue from it; run without "
             f"--resume to start over")
-
-
-class TrajectoryCache:
-    """Expert trajectories loaded on demand, the most recent ``size`` kept in memory."""
-
-    SIZE = 8  # default; distill/estimate.py reports the host memory it takes
-
-    def __init__(self, store: ExpertStore, size: int = SIZE):
-        self.store, self.size = store, size
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-
-    def __call__(self, expert_id: int) -> torch.Tensor:
-        if expert_id in self._cache:
-            self._cache.move_to_end(expert_id)
-        else:
-            self._cache[expert_id] = self.store.trajectory(expert_id)
-            if len(self._cache) > self.size:
-                self._cache.popitem(last=False)
-        return self._cache[expert_id]
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -33,7 +33,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from distill.data_formats import _IMG_EXT, DatasetNotFoundError, Options, _Raw
+from distill.data_formats import _IMG_EXT, DatasetInfo, DatasetNotFoundError, Options, _Raw
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,6 @@ def pixel_stats(x: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[f
 
 def static(opts: Options, root: str | None):
     """(DatasetInfo, per-class train counts) of the folder: its files are its facts."""
-    from distill.data import DatasetInfo
-
     check_options(opts)
     where = locate([root] if root else [])
     raw = read(where, opts)

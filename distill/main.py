@@ -34,7 +34,7 @@ from distill.config import ConfigError, RunConfig, syn_lr_init
 from distill.config_io import load_config, save_config
 from distill.data import Dataset, load_configured
 from distill.distiller import Distiller, StaleCheckpointError, method_name
-from distill.estimate import log_summary
+from distill.preflight import log_summary
 from distill.freshness import stamp
 from distill.metrics import JsonlSink, Metrics, read_jsonl, tensorboard_sinks
 from distill.runtime import DivergedRanksError, Runtime

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import subprocess
+from collections import OrderedDict
 from functools import lru_cache
 
 import torch
@@ -186,3 +187,22 @@ class ExpertStore:
 
     def trajectory(self, expert_id: int) -> torch.Tensor:
         return self.load(expert_id).trajectory
+
+
+class TrajectoryCache:
+    """Expert trajectories loaded on demand, the most recent ``size`` kept in memory."""
+
+    SIZE = 8  # default; distill/preflight.py reports the host memory it takes
+
+    def __init__(self, store: ExpertStore, size: int = SIZE):
+        self.store, self.size = store, size
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __call__(self, expert_id: int) -> torch.Tensor:
+        if expert_id in self._cache:
+            self._cache.move_to_end(expert_id)
+        else:
+            self._cache[expert_id] = self.store.trajectory(expert_id)
+            if len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return self._cache[expert_id]

@@ -16,14 +16,12 @@ and which ``distill.bn_group`` does. Exit status 0 whether or not it fits: it on
 from __future__ import annotations
 
 from distill.config_io import load_config
-from distill.estimate import (
+from distill.estimate import fmt_bytes, fmt_flops, parse_size
+from distill.preflight import (
     HEADROOM,
     RunEstimate,
     device_memory_here,
     estimate_run,
-    fmt_bytes,
-    fmt_flops,
-    parse_size,
     summary_line,
     usable,
 )

@@ -24,7 +24,7 @@ from distill.baselines import baseline_set
 from distill.config import RunConfig
 from distill.config_io import dump_yaml, load_config, repetitions, save_config
 from distill.data import load_configured
-from distill.estimate import log_summary
+from distill.preflight import log_summary
 from distill.methods import METHODS, chosen, synsets_needed
 from distill.report import write_report
 from distill.scores import load_scores
