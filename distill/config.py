@@ -123,7 +123,8 @@ class DistillConfig:
     max_start_epoch: int = 20
     """T+: the start epoch is drawn uniformly from [0, T+)."""
     batch_syn: int | None = None
-    """|b|: synthetic images per student step; None = the whole synthetic set."""
+    """|b|: synthetic images per student step; None = every image a step matches (the whole
+    set; D_distill alone in merge mode), and never more than those (distill/batching.py)."""
     bn_group: int | None = None
     """g: batch-norm group size (samples normalised together); None = |b|. Must divide |b|."""
     lr_images: float = 1000.0
@@ -295,14 +296,6 @@ SECTIONS = ("data", "model", "experts", "scores", "select", "distill", "eval", "
 
 def syn_lr_init(cfg: RunConfig) -> float:
     return cfg.distill.syn_lr_init if cfg.distill.syn_lr_init is not None else cfg.experts.lr
-
-
-def bn_group(cfg: RunConfig, num_classes: int) -> int:
-    return cfg.distill.bn_group or batch_syn(cfg, num_classes)
-
-
-def batch_syn(cfg: RunConfig, num_classes: int) -> int:
-    return cfg.distill.batch_syn or cfg.select.ipc * num_classes
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from distill import storage
 from distill.augment import DSA
-from distill.config import RunConfig, batch_syn, bn_group
+from distill.batching import resolve
+from distill.config import RunConfig
 from distill.data import Dataset
 from distill.experts import build_network
 from distill.freshness import stamp
@@ -99,12 +100,9 @@ class Distiller:
                                   team=comm.team(cfg.distill.group_ranks))
         # merge (ablation): D_distill is matched alone and concatenated afterwards
         n_match = len(synset.distilled) if self.method == "merge" else len(synset)
-        self.batch = min(batch_syn(cfg, ds.info.num_classes), n_match)
-        self.group = bn_group(cfg, ds.info.num_classes)
-        if self.batch % self.group:
-            raise ValueError(f"distill.bn_group {self.group} must divide the batch {self.batch} "
-                             f"(distill.batch_syn, capped at the {n_match} images matched)")
-        groups, teams = self.batch // self.group, comm.world_size // cfg.distill.group_ranks
+        batching = resolve(cfg.distill, n_match).check()  # the rule validation applied
+        self.batch, self.group = batching.batch, batching.group
+        groups, teams = batching.groups, comm.world_size // cfg.distill.group_ranks
         if teams > groups and is_main:
             log.warning("%d team(s) of %d rank(s) share %d BN group(s) per step: %d rank(s) "
                         "idle. Set distill.bn_group <= %d, or distill.group_ranks to spread each "

@@ -197,7 +197,7 @@ class MatchingShape:
 
 def shape_from_config(cfg, info=None, *, ranks: int = 1, device: str = "cuda") -> MatchingShape:
     """The matching step of a :class:`RunConfig` (dataset facts from the registry, no files)."""
-    from distill.config import batch_syn
+    from distill.batching import matched_images, resolve
     from distill.data import get_info
     from distill.selection import split_counts
 
@@ -209,11 +209,11 @@ def shape_from_config(cfg, info=None, *, ranks: int = 1, device: str = "cuda") -
     n = cfg.select.ipc * k
     n_d = split_counts(cfg.select.ipc, cfg.distill.alpha)[1] * k
     merge = cfg.distill.mode == "merge"
-    n_matched = n_d if merge else n
-    batch = min(batch_syn(cfg, k), n_matched)
+    n_matched = matched_images(cfg, k)
+    batching = resolve(cfg.distill, n_matched)
     net = Network(name=cfg.model.name, in_channels=c, num_classes=k, image_size=h,
                   width=cfg.model.width, depth=cfg.model.depth, norm=cfg.model.norm)
-    return MatchingShape(net=net, batch=batch, group=cfg.distill.bn_group or batch,
+    return MatchingShape(net=net, batch=batching.batch, group=batching.group,
                          steps=cfg.distill.syn_steps, n_images=n, n_matched=n_matched,
                          n_learnable=n_d, joint=not merge, dsa=cfg.distill.augment == "dsa",
                          ranks=ranks, group_ranks=cfg.distill.group_ranks,

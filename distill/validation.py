@@ -14,7 +14,8 @@ from typing import Any
 
 from distill import data as data_mod
 from distill import models as models_mod
-from distill.config import ConfigError, RunConfig, batch_syn
+from distill.batching import resolve_config
+from distill.config import ConfigError, RunConfig
 from distill.imagefolder import MalformedFolderError
 from distill.methods import METHODS
 from distill.scores import SCORE_KINDS
@@ -169,17 +170,10 @@ def validate_config(cfg: RunConfig) -> RunConfig:
             f"epoch t + M must exist in every expert trajectory")
     if info is not None and sel.ipc >= 1:
         total = sel.ipc * info.num_classes
-        b = batch_syn(cfg, info.num_classes)
-        if b > total:
-            problems.append(f"distill.batch_syn ({b}) exceeds the synthetic set size "
+        if d.batch_syn is not None and d.batch_syn > total:
+            problems.append(f"distill.batch_syn ({d.batch_syn}) exceeds the synthetic set size "
                             f"(select.ipc x classes = {total})")
-        g = d.bn_group or b
-        if b >= 1 and g >= 1 and b % g != 0:
-            problems.append(f"distill.bn_group ({g}) must divide distill.batch_syn ({b})")
-        if g >= 1 and d.group_ranks >= 1 and g % d.group_ranks:
-            problems.append(f"distill.group_ranks ({d.group_ranks}) must divide the BN group size "
-                            f"({g}, distill.bn_group or the batch): each rank of a group's team "
-                            f"holds an equal share of its rows")
+        problems += resolve_config(cfg, info.num_classes).problems()  # |b| and g, as distilled
 
     ev = cfg.eval
     _range(problems, "eval.runs", ev.runs, 1)

@@ -115,6 +115,27 @@ def test_bn_group_must_divide_batch():
     assert "distill.bn_group" in p
 
 
+def test_merge_mode_with_default_batch_and_group_validates_as_it_distills():
+    """Issue 13: merge mode matches D_distill alone (quickstart: 5 of 10 images per class), so
+    with batch_syn and bn_group null both |b| and g are the 50 images matched: validation and the
+    Distiller resolve them with one rule (distill/batching.py)."""
+    from distill.batching import resolve_config
+
+    path = os.path.join(REPO, "configs", "quickstart.yaml")
+    cfg = load_config(path, ["--distill.mode", "merge", "--distill.batch_syn", "null",
+                             "--distill.bn_group", "null"])
+    b = resolve_config(cfg, 10)
+    assert (b.matched, b.batch, b.group) == (50, 50, 50)
+    joint = resolve_config(dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill,
+                                                                                mode="joint")), 10)
+    assert (joint.matched, joint.batch, joint.group) == (100, 100, 100)
+    # a g that divides the whole set (100) but not the 50 matched is refused before any work
+    with pytest.raises(ConfigError, match=r"distill.bn_group \(20\) must divide the batch "
+                                          r"\|b\| = 50 \(distill.batch_syn null"):
+        load_config(path, ["--distill.mode", "merge", "--distill.batch_syn", "null",
+                           "--distill.bn_group", "20"])
+
+
 def test_cscore_needs_file():
     (p,) = _problems(scores={"kind": "cscore"})
     assert "scores.file" in p
