@@ -20,10 +20,10 @@ from distill import storage
 from distill.baselines import baseline_set, window_search
 from distill.config import RunConfig
 from distill.data import Dataset
+from distill.distiller import result_stamp, run_distill
 from distill.evaluate import Reference
 from distill.experts import expert_network
 from distill.freshness import is_fresh, stamp
-from distill.main import result_stamp, run_distill
 from distill.methods import METHODS, augment_for, distill_config
 from distill.metrics import log_eval, run_metrics
 from distill.scores import load_scores, scores_digest

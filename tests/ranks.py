@@ -34,8 +34,7 @@ import torch.multiprocessing as mp
 from distill.augment import DSA
 from distill.config_io import load_config
 from distill.data import load_configured
-from distill.distiller import Distiller
-from distill.main import initial_set, run_distill
+from distill.distiller import Distiller, initial_set, run_distill
 from distill.matching import LOCAL, Student, make_plan
 from distill.models import ParamLayout, build_model
 from distill.synset import load_synset

@@ -11,8 +11,7 @@ import torch
 from distill import storage
 from distill.config import syn_lr_init
 from distill.data import load_configured
-from distill.distiller import DivergenceError, Distiller
-from distill.main import initial_set, run_distill
+from distill.distiller import DivergenceError, Distiller, initial_set, run_distill
 from distill.matching import make_plan, match_unrolled
 from distill.scores import load_scores
 from distill.selection import select_window

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from distill.data import load_configured
-from distill.main import initial_set
+from distill.distiller import initial_set
 from distill.matching import match_replay
 from ranks import (
     cfg_for,

@@ -53,7 +53,7 @@ def test_tensorboard_sink_on_an_fsspec_url(tmp_path):
 
 
 def test_distill_and_evaluate_write_event_files(tmp_path, capsys):
-    from distill.main import run_distill
+    from distill.distiller import run_distill
     from tiny import prepare, tiny_config
 
     cfg = prepare(tiny_config(tmp_path, metrics={"tensorboard": True},

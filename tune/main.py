@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 
@@ -49,6 +48,7 @@ from distill.methods import augment_for
 from distill.freshness import stamp
 from distill.metrics import JsonlSink, read_jsonl
 from distill.scores import load_scores
+from launch.exits import run_guarded
 from tune.search import HillClimb, make_grid
 from tune.trials import METRIC, TrialContext, alpha_trial, alpha_trial_iterations, beta_trial
 
@@ -322,8 +322,8 @@ def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = 
 
 def cmd_tune(args, overrides: list[str]) -> int:
     """``selmatch tune --config F [--ray-address A]``."""
-    run_tune(load_config(args.config, overrides), ray_address=getattr(args, "ray_address", None),
-             use_ray=not getattr(args, "no_ray", False))
+    run_tune(load_config(args.config, overrides), ray_address=args.ray_address,
+             use_ray=not args.no_ray)
     return 0
 
 
@@ -336,13 +336,4 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
-    try:
-        run_tune(load_config(args.config, overrides), ray_address=args.ray_address,
-                 use_ray=not args.no_ray)
-    except ConfigError as err:
-        print(f"tune: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"tune: error: {err}", file=sys.stderr)
-        return 2 if not isinstance(err, RuntimeError) else 1
-    return 0
+    return run_guarded("tune", lambda: cmd_tune(args, overrides))  # exits: launch/exits.py
