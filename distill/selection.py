@@ -72,6 +72,12 @@ def window_start(n_c: int, beta: float) -> int:
     return _floor(beta * n_c)
 
 
+def window_fits(beta: float, ipc: int, n_c: int) -> bool:
+    """β + IPC/n_c ≤ 1 (within 1e-9): the rule a configured window start obeys (DESIGN.md §2),
+    checked by the config validation and by both β searches' grids."""
+    return beta + ipc / n_c <= 1 + _EPS
+
+
 def window(order_c: np.ndarray, ipc: int, beta: float, *, cls: int = 0) -> np.ndarray:
     """W_c = sorted_c[floor(β·n_c) : floor(β·n_c) + IPC]; a window past the end is an error."""
     if not 0.0 <= beta < 1.0:

@@ -20,6 +20,7 @@ from distill.imagefolder import MalformedFolderError
 from distill.methods import METHODS
 from distill.scores import SCORE_KINDS
 from distill.selection import INITS as SELECT_INITS
+from distill.selection import window_fits
 from distill.student import PRECISIONS, compile_choice
 
 EXPERT_AUGMENTS = ("dsa", "none")
@@ -130,7 +131,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         if sel.ipc > n_c:
             problems.append(f"select.ipc ({sel.ipc}) is larger than the smallest class of "
                             f"{info.name} ({n_c} training samples)")
-        elif sel.init == "window" and sel.beta + sel.ipc / n_c > 1 + 1e-9:
+        elif sel.init == "window" and not window_fits(sel.beta, sel.ipc, n_c):
             problems.append(
                 f"select.beta ({sel.beta:g}) + select.ipc / class size ({sel.ipc}/{n_c} = "
                 f"{sel.ipc / n_c:.4g}) must be <= 1 so the window fits in the class; "

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from distill import storage
+from distill.baselines import make_grid, validation_split
 from distill.config import ConfigError
 from distill.config_io import load_config
 from distill.data import load_configured
@@ -18,8 +19,8 @@ from distill.metrics import read_jsonl
 from distill.scores import load_scores
 from tiny import prepare, tiny_config
 from tune.main import TrialLog, _run_local, run_tune, selected_overrides
-from tune.search import HillClimb, make_grid
-from tune.trials import TrialContext, feasible_beta, validation_split
+from tune.search import HillClimb
+from tune.trials import TrialContext, feasible_beta
 
 GRID = make_grid(0.0, 1.0, 0.1)  # 11 values, start 0.5
 
@@ -254,6 +255,25 @@ def test_validation_split_is_stratified_disjoint_seeded_and_shared_with_window(p
     assert np.bincount(ds.y_train[val].numpy()).tolist() == [3] * 10
     assert np.array_equal(val, validation_index(ds, fraction=0.1, seed=3))  # same rows
     assert not np.array_equal(val, validation_split(ds, 0.1, seed=4)[1])
+
+
+def test_window_search_and_trials_share_the_epoch_rule_and_the_grid(prepared):
+    """One rule each (distill/baselines.py): the window search rounded its short epochs with
+    round() (2.5 -> 2) while the trials rounded half up (-> 3); both round half up now."""
+    import dataclasses
+
+    from distill.baselines import beta_grid, epoch_fraction, search_epochs
+
+    cfg = dataclasses.replace(prepared, eval=dataclasses.replace(prepared.eval, epochs=5),
+                              tune=dataclasses.replace(prepared.tune, beta_epoch_fraction=0.5,
+                                                       alpha_epoch_fraction=0.2))
+    assert search_epochs(cfg, 40, 300) == 3 and search_epochs(cfg, 40, 300, "alpha") == 1
+    default = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, beta_epoch_fraction=None))
+    assert epoch_fraction(default) == 0.1  # App. E: 10% unless CIFAR-10
+    cifar = dataclasses.replace(default, data=dataclasses.replace(default.data, name="cifar10"))
+    assert epoch_fraction(cifar) == 0.2 and epoch_fraction(cifar, "alpha") == 0.2
+    assert beta_grid(0.2, 4, 30) == [0.0, 0.2, 0.4, 0.6, 0.8]  # 0.8 + 4/30 <= 1 < 1.0 + 4/30
+    assert beta_grid(0.25, 10, 30) == [0.0, 0.25, 0.5]  # 0.75 + 1/3 > 1
 
 
 def test_trial_windows_never_contain_validation_images(prepared):

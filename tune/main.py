@@ -41,6 +41,7 @@ from collections.abc import Callable
 import yaml
 
 from distill import storage
+from distill.baselines import make_grid
 from distill.config import ConfigError, RunConfig
 from distill.config_io import load_config, save_config
 from distill.data import load_configured
@@ -49,7 +50,7 @@ from distill.freshness import stamp
 from distill.metrics import JsonlSink, read_jsonl
 from distill.scores import load_scores
 from launch.exits import run_guarded
-from tune.search import HillClimb, make_grid
+from tune.search import HillClimb
 from tune.trials import METRIC, TrialContext, alpha_trial, alpha_trial_iterations, beta_trial
 
 log = logging.getLogger(__name__)
