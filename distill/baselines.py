@@ -33,13 +33,12 @@ from tqdm.auto import tqdm
 from distill.config import RunConfig
 from distill.data import Dataset
 from distill.evaluate import config_epochs, evaluate_config
-from distill.methods import augment_for
+from distill.methods import METHODS, augment_for
 from distill.rng import VALIDATION_SPLIT
 from distill.scores import Scores
 from distill.selection import make_selection, select_window, window_fits
 from distill.synset import SyntheticSet
 
-_INITS = {"random": "random", "topk": "topk", "window": "window", "init": "window"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,9 +156,10 @@ def baseline_set(method: str, cfg: RunConfig, ds: Dataset, scores: Scores | None
                  beta: float | None = None) -> SyntheticSet:
     """A pure selection (nothing distilled) for ``random``, ``topk``, ``window`` at ``beta``, or
     ``init`` (the window at ``select.beta``)."""
-    if method not in _INITS:
-        raise ValueError(f"{method!r} is not a selection baseline; valid: {', '.join(_INITS)}")
-    init = _INITS[method]
+    inits = {m.name: m.init for m in METHODS.values() if m.made_by == "selection"}
+    if method not in inits:
+        raise ValueError(f"{method!r} is not a selection baseline; valid: {', '.join(inits)}")
+    init = inits[method]
     sel = make_selection(init, scores=scores, labels=ds.y_train.numpy(),
                          num_classes=ds.info.num_classes, ipc=cfg.select.ipc,
                          beta=cfg.select.beta if beta is None else beta, alpha=0.0, seed=cfg.seed)

@@ -33,11 +33,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
-def expert_config_hash(cfg: RunConfig) -> str:
-    """Hash of everything that changes an expert's numbers (not how many experts, nor resources)."""
-    return stamp(cfg, "expert")
-
-
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """git commit of the code that produced an artifact ('unknown' outside a checkout)."""
@@ -55,7 +50,9 @@ class ExpertStore:
     def __init__(self, cfg: RunConfig, run_dir: str | None = None):
         self.cfg = cfg
         self.dir = storage.join(run_dir or cfg.run_dir, "experts")
-        self.hash = expert_config_hash(cfg)
+        # the freshness stamp of one expert (everything that changes its numbers, not how many
+        # experts nor resources), stored as the manifest's "config_hash"
+        self.hash = stamp(cfg, "expert")
 
     # -- manifest ----------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from distill.config import RunConfig
 from distill.config_io import dump_yaml, load_config, repetitions, save_config
 from distill.data import load_configured
 from distill.preflight import log_summary
-from distill.methods import METHODS, chosen, synsets_needed
+from distill.methods import DISTILLED, METHODS, chosen, synsets_needed
 from distill.report import write_report
 from distill.scores import load_scores
 from distill.trajectories import ExpertStore
@@ -82,7 +82,7 @@ def run_pipeline(cfg: RunConfig, *, workers: int | None = None, ray_address: str
             if METHODS[name].made_by == "selection" and METHODS[name].synset == name:
                 stage_selection(rep, cfg, name, ds, window["best_beta"] if window else None)
         for synset in synsets_needed(cfg):
-            if synset in ("selmatch", "mtt", "init_full", "merge"):
+            if synset in DISTILLED:
                 stage_distill(rep, cfg, synset)
     stage_evaluate([(rep, name) for rep in repetitions(cfg) for name in rows], cfg, ds, reference,
                    workers=workers, ray_address=ray_address)

@@ -61,9 +61,10 @@ def tune_dir(cfg: RunConfig) -> str:
     return storage.join(cfg.run_dir, "tune")
 
 
-def settings_hash(cfg: RunConfig, kind: str, beta: float | None = None) -> str:
-    """Freshness stamp (distill/freshness.py) of what a trial's metric depends on; trials
-    recorded under another stamp are redone."""
+def trial_stamp(cfg: RunConfig, kind: str, beta: float | None = None) -> str:
+    """The freshness stamp (distill/freshness.py, stage ``beta_trial``/``alpha_trial``) of what
+    a trial's metric depends on, stored as each record's ``settings``; trials recorded under
+    another stamp are redone."""
     extra = {"split": "baselines.validation_index, pool = the rest",  # bump if the split changes
              "augment": augment_for("window" if kind == "beta" else "selmatch", cfg)}
     if kind == "alpha":
@@ -282,12 +283,12 @@ def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = 
     try:
         climb = beta_climb(cfg, ctx)
         beta_sum = run_search(cfg, "beta", climb, functools.partial(beta_trial, ctx),
-                              settings=settings_hash(cfg, "beta"), use_ray=use_ray)
+                              settings=trial_stamp(cfg, "beta"), use_ray=use_ray)
         beta = beta_sum["best_value"]
         climb = alpha_climb(cfg)
         alpha_sum = run_search(cfg, "alpha", climb,
                                functools.partial(_alpha_fn, ctx=ctx, beta=beta),
-                               settings=settings_hash(cfg, "alpha", beta), use_ray=use_ray,
+                               settings=trial_stamp(cfg, "alpha", beta), use_ray=use_ray,
                                constants={"beta": beta})
     finally:
         if started:
