@@ -408,6 +408,22 @@ def _build_combined(config: DSAConfig) -> Augmentation:
 AUGMENTS: dict[str, Callable[[DSAConfig], Augmentation]] = {
     "none": _build_none, "dsa": _build_dsa, "simple": _build_simple, "combined": _build_combined,
 }
+"""Evaluation augmentations (``eval.augment``, a row's rule in distill/methods.py)."""
+
+TRAINING_AUGMENTS: dict[str, Callable[[DSAConfig], DSA | None]] = {
+    "dsa": DSA, "none": lambda config: None,
+}
+"""What a training loop applies to each minibatch (``experts.augment``, ``distill.augment``):
+DSA, whose parameters the loop draws and can replay, or nothing."""
+
+
+def training_dsa(name: str, config: DSAConfig = DSAConfig()) -> DSA | None:
+    """The DSA of a training loop's ``augment`` setting (None for none); an unknown name lists
+    the valid ones."""
+    if name not in TRAINING_AUGMENTS:
+        raise ValueError(f"unknown training augmentation {name!r}; valid: "
+                         f"{', '.join(TRAINING_AUGMENTS)}")
+    return TRAINING_AUGMENTS[name](config)
 
 
 def build_augment(name: str, config: DSAConfig = DSAConfig()) -> Augmentation:

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill import storage
-from distill.augment import DSA
+from distill.augment import training_dsa
 from distill.batching import resolve
 from distill.config import RunConfig, syn_lr_init
 from distill.config_io import save_config
@@ -97,7 +97,7 @@ class Distiller:
         self.resume_key = resume_hash(cfg, store.digest())
         self.trajectories = TrajectoryCache(store)
         dtype = synset.distilled.dtype
-        self.dsa = DSA() if cfg.distill.augment == "dsa" else None
+        self.dsa = training_dsa(cfg.distill.augment)
         self.precision = set_precision(cfg.distill.precision, self.device)
         self.student = Student.of(build_network(cfg, ds).to(self.device), self.dsa, dtype,
                                   self.device, compile=cfg.distill.compile,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from distill.augment import DSA
+from distill.augment import DSA, training_dsa
 from distill.config import RunConfig
 from distill.data import Dataset
 from distill.models import ParamLayout, build_model
@@ -124,7 +124,7 @@ def train_expert(cfg: RunConfig, ds: Dataset, expert_id: int, *, device: str | t
         layout = ParamLayout.of(model)
         opt = torch.optim.SGD(model.parameters(), lr=ex.lr, momentum=ex.momentum,
                               weight_decay=ex.weight_decay)
-        dsa = DSA() if ex.augment == "dsa" else None
+        dsa = training_dsa(ex.augment)
         x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
         n = len(y_train)
         trajectory = torch.empty(ex.epochs + 1, layout.numel, dtype=torch.float32)

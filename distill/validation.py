@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from distill import data as data_mod
+from distill.augment import AUGMENTS, TRAINING_AUGMENTS
 from distill import models as models_mod
 from distill.batching import resolve_config
 from distill.config import ConfigError, RunConfig
@@ -23,10 +24,7 @@ from distill.selection import INITS as SELECT_INITS
 from distill.selection import window_fits
 from distill.student import PRECISIONS, compile_choice
 
-EXPERT_AUGMENTS = ("dsa", "none")
-DISTILL_AUGMENTS = ("dsa", "none")
 DISTILL_MODES = ("joint", "merge")
-EVAL_AUGMENTS = ("combined", "dsa", "simple", "none")
 
 
 def _choice(problems: list[str], path: str, value: Any, allowed: tuple[str, ...] | list[str]) -> bool:
@@ -107,7 +105,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _range(problems, "experts.momentum", ex.momentum, 0, 1, hi_open=True)
     _range(problems, "experts.weight_decay", ex.weight_decay, 0)
     _range(problems, "experts.batch_size", ex.batch_size, 1)
-    _choice(problems, "experts.augment", ex.augment, EXPERT_AUGMENTS)
+    _choice(problems, "experts.augment", ex.augment, list(TRAINING_AUGMENTS))
     _range(problems, "experts.el2n_epoch", ex.el2n_epoch, 1, ex.epochs)
     _range(problems, "experts.num_cpus", ex.num_cpus, 0)
     _range(problems, "experts.num_gpus", ex.num_gpus, 0)
@@ -156,7 +154,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _range(problems, "distill.max_image_ratio", d.max_image_ratio, 1, lo_open=True)
     _range(problems, "distill.max_loss_ratio", d.max_loss_ratio, 1, lo_open=True)
     _choice(problems, "distill.mode", d.mode, DISTILL_MODES)
-    _choice(problems, "distill.augment", d.augment, DISTILL_AUGMENTS)
+    _choice(problems, "distill.augment", d.augment, list(TRAINING_AUGMENTS))
     try:
         compile_choice(d.compile)
     except ValueError as err:
@@ -187,7 +185,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _range(problems, "eval.num_cpus", ev.num_cpus, 0)
     _range(problems, "eval.num_gpus", ev.num_gpus, 0)
     if ev.augment is not None:
-        _choice(problems, "eval.augment", ev.augment, EVAL_AUGMENTS)
+        _choice(problems, "eval.augment", ev.augment, sorted(AUGMENTS))
     if ev.methods is not None:
         if not ev.methods:
             problems.append("eval.methods must name at least one row (or be null for the "

@@ -24,13 +24,10 @@ from distill.config import RunConfig
 from distill.config_io import load_config, save_config
 from distill.data import Dataset, load_configured
 from distill.experts import train_expert
+from distill.runtime import device_for
 from distill.trajectories import ExpertStore
 
 log = logging.getLogger(__name__)
-
-
-def _device(cfg: RunConfig) -> str:
-    return "cuda" if cfg.experts.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 def chance_level(ds: Dataset) -> float:
@@ -50,7 +47,8 @@ def at_chance(entry: dict) -> bool:
 
 def train_and_save(cfg: RunConfig, ds: Dataset, expert_id: int, progress: bool = False) -> dict:
     """Train one expert and write its file; returns the manifest entry (runs on a worker)."""
-    result = train_expert(cfg, ds, expert_id, device=_device(cfg), progress=progress)
+    result = train_expert(cfg, ds, expert_id, device=device_for(cfg.experts.num_gpus),
+                          progress=progress)
     return {**ExpertStore(cfg).save(result), "chance": round(chance_level(ds), 6)}
 
 

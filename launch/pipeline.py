@@ -25,6 +25,7 @@ from distill.config import RunConfig
 from distill.config_io import dump_yaml, load_config, repetitions, save_config
 from distill.data import load_configured
 from distill.preflight import log_summary
+from distill.runtime import device_for
 from distill.methods import DISTILLED, METHODS, chosen, synsets_needed
 from distill.report import write_report
 from distill.scores import load_scores
@@ -33,7 +34,6 @@ from launch.experts import at_chance, run_experts
 from launch.scores import ensure_scores, topk_config
 from launch.stages import (
     ReferenceCache,
-    device,
     stage_distill,
     stage_evaluate,
     stage_selection,
@@ -53,7 +53,7 @@ def _notes(cfg: RunConfig, ds, window: dict | None) -> list[str]:
              f"{cfg.distill.alpha:g}, β = {cfg.select.beta:g}, {cfg.distill.iterations} "
              f"distillation iterations per distilled set, {cfg.experts.num_experts} experts × "
              f"{cfg.experts.epochs} epochs (shared by every row and seed), repetition seeds "
-             f"{', '.join(map(str, seeds))}, device {device()}."]
+             f"{', '.join(map(str, seeds))}, device {device_for()}."]
     if window is not None:
         notes.append(f"Oracle window: β = {window['best_beta']:g} from the window search "
                      f"({window.get('augment', '?')} augmentation, validation split).")
@@ -132,7 +132,7 @@ def cmd_run(args, overrides: list[str]) -> int:
     if args.seeds:
         overrides = [*overrides, f"--seeds=[{', '.join(map(str, args.seeds))}]"]
     cfg = load_config(args.config, overrides)
-    log_summary(cfg, ranks=1, device=device())
+    log_summary(cfg, ranks=1, device=device_for())
     command = "selmatch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(run_pipeline(cfg, workers=args.workers, ray_address=args.ray_address, command=command))
     return 0

@@ -267,3 +267,12 @@ def test_crop_padding_is_4_px_at_32_and_64_and_smaller_for_8x8_digits():
                  for dy in range(-1, 2) for dx in range(-1, 2)]
         cands += [c.flip(-1) for c in cands]
         assert any(torch.equal(y[i], c) for c in cands)
+
+
+def test_training_loops_take_dsa_or_nothing():
+    from distill.augment import TRAINING_AUGMENTS, training_dsa
+
+    assert isinstance(training_dsa("dsa"), DSA) and training_dsa("none") is None
+    assert set(TRAINING_AUGMENTS) == {"dsa", "none"} and set(AUGMENTS) >= set(TRAINING_AUGMENTS)
+    with pytest.raises(ValueError, match="unknown training augmentation 'simple'; valid: dsa, none"):
+        training_dsa("simple")

@@ -58,6 +58,7 @@ from distill.distiller import Distiller
 from distill.evaluate import evaluate_config
 from distill.methods import augment_for
 from distill.metrics import JsonlSink, Metrics
+from distill.runtime import device_for
 from distill.scores import Scores
 from distill.selection import Selection, select_window, window_fits, window_start
 from distill.synset import SyntheticSet
@@ -85,10 +86,6 @@ def feasible_beta(beta: float, *, ipc: int, pool_sizes: list[int], min_class_siz
     return all(window_start(n, beta) + ipc <= n for n in pool_sizes)
 
 
-def _device(cfg: RunConfig) -> str:
-    return "cuda" if cfg.tune.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
 class TrialContext:
     """What every trial of one run shares: config, data, scores, the split, the validation set."""
 
@@ -104,7 +101,7 @@ class TrialContext:
     @property
     def device(self) -> str:
         """Decided where the trial runs (a Ray worker may have a GPU that the driver lacks)."""
-        return self._device or _device(self.cfg)
+        return self._device or device_for(self.cfg.tune.num_gpus)
 
     def beta_values(self) -> list[float]:
         """Grid values of β from 0 in steps of tune.beta_step that fit (before any bound)."""
