@@ -117,7 +117,7 @@ def group_flops(net: Network, group: int) -> tuple[int, int]:
     create_graph, then ∇ of g·λ w.r.t. θ and the images), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distill.models import ParamLayout, functional_forward
+    from distill.params import ParamLayout, functional_forward
 
     model = net.build().train()
     layout = ParamLayout.of(model)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from distill.augment import AUGMENTS, build_augment
 from distill.data import Dataset
-from distill.models import build_model
+from distill.models import build_model, eval_outputs
 from distill.rng import (
     EVAL_AUGMENT,
     EVAL_INIT,
@@ -173,13 +173,10 @@ def train_network(images: Tensor, labels: Tensor, *, num_classes: int, model: st
     return net.eval()
 
 
-@torch.no_grad()
 def _predict(net: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
     """Predicted labels (CPU, int64) in eval mode, batched."""
-    net.eval()
-    device = next(net.parameters()).device
-    return torch.cat([net(x[i:i + batch_size].to(device)).argmax(1).cpu()
-                      for i in range(0, len(x), batch_size)])
+    return torch.cat(eval_outputs(net, x, lambda out, _: out.argmax(1).cpu(),
+                                  batch_size=batch_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +239,6 @@ def _last_linear(net: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-@torch.no_grad()
 def _features_and_logits(net: nn.Module, x: Tensor,
                          batch_size: int) -> tuple[Tensor, Tensor]:
     """Inputs of the last nn.Linear (penultimate features) and logits, eval mode, on CPU.
@@ -252,15 +248,10 @@ def _features_and_logits(net: nn.Module, x: Tensor,
     captured: list[Tensor] = []
     hook = _last_linear(net).register_forward_pre_hook(
         lambda module, args: captured.append(args[0].detach().flatten(1).float().cpu()))
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
     try:
-        logits = [net(x[i:i + batch_size].to(device)).float().cpu()
-                  for i in range(0, len(x), batch_size)]
+        logits = eval_outputs(net, x, lambda out, _: out.float().cpu(), batch_size=batch_size)
     finally:
         hook.remove()
-        net.train(was_training)
     return torch.cat(captured), torch.cat(logits)
 
 

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from distill.augment import DSA, training_dsa
 from distill.config import RunConfig
 from distill.data import Dataset
-from distill.models import ParamLayout, build_model
+from distill.models import build_model, eval_outputs
+from distill.params import ParamLayout
 from distill.rng import EXPERT_AUGMENT, EXPERT_INIT, EXPERT_SHUFFLE, seeded
 from distill.runtime import cpu_threads
 
@@ -80,36 +81,24 @@ def _init_model(cfg: RunConfig, ds: Dataset, expert_id: int, device: torch.devic
     return model.to(device)
 
 
-@torch.no_grad()
 def evaluate_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                       batch_size: int = 1024) -> float:
     """Top-1 accuracy in eval mode (running BN statistics)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    hits = 0
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device)
-        hits += int((model(xb).argmax(1).cpu() == y[start:start + batch_size]).sum())
-    model.train(was_training)
-    return hits / max(1, len(x))
+    hits = eval_outputs(model, x, lambda out, start: int(
+        (out.argmax(1).cpu() == y[start:start + batch_size]).sum()), batch_size=batch_size)
+    return sum(hits) / max(1, len(x))
 
 
-@torch.no_grad()
 def el2n_scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                 batch_size: int = 1024) -> torch.Tensor:
     """‖softmax(f(x)) − onehot(y)‖₂ per sample, eval mode, no augmentation."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device)
-        yb = y[start:start + batch_size].to(device)
-        prob = model(xb).softmax(1)
-        out.append((prob - F.one_hot(yb, num_classes).to(prob.dtype)).norm(dim=1).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
+
+    def el2n(out: torch.Tensor, start: int) -> torch.Tensor:
+        prob = out.softmax(1)
+        onehot = F.one_hot(y[start:start + batch_size].to(out.device), num_classes)
+        return (prob - onehot.to(prob.dtype)).norm(dim=1).float().cpu()
+
+    return torch.cat(eval_outputs(model, x, el2n, batch_size=batch_size))
 
 
 def train_expert(cfg: RunConfig, ds: Dataset, expert_id: int, *, device: str | torch.device = "cpu",

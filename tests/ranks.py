@@ -36,7 +36,8 @@ from distill.config_io import load_config
 from distill.data import load_configured
 from distill.distiller import Distiller, initial_set, run_distill
 from distill.matching import LOCAL, Student, make_plan
-from distill.models import ParamLayout, build_model
+from distill.models import build_model
+from distill.params import ParamLayout
 from distill.synset import load_synset
 from distill.trajectories import ExpertStore
 from tiny import tiny_config

@@ -19,7 +19,8 @@ from torch.utils.flop_counter import flop_registry
 from distill import estimate as est
 from distill.config_io import load_config
 from distill.matching import Student, make_plan, match_replay
-from distill.models import ParamLayout, build_model
+from distill.models import build_model
+from distill.params import ParamLayout
 from distill.preflight import estimate_run
 from distill.profiles import Profile, group_step_seconds, iteration_time, load_profiles
 from launch.cli import main

@@ -15,7 +15,8 @@ from distill.matching import (
     match_unrolled,
     rank_groups,
 )
-from distill.models import ParamLayout, build_model, functional_forward
+from distill.models import build_model
+from distill.params import ParamLayout, functional_forward
 
 DT = torch.float64
 
