@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from distill import imagefolder
+from distill.checks import check_int, int_problem
 from distill.data_formats import (
     _CIFAR10,
     DatasetInfo,
@@ -189,9 +190,7 @@ class DatasetSpec:
 
 
 def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"train_per_class must be an integer >= 1, got {k!r}")
-    return k
+    return check_int("train_per_class", k)
 
 
 def _expand(root: str) -> str:
@@ -328,9 +327,9 @@ def _synthetic_raw(num_classes: int, per_class: int, test_per_class: int, image_
 
 def _synthetic_static(opts: Options) -> tuple[DatasetInfo, tuple[int, ...]]:
     for key, value in opts.items():
-        low = 0 if key == "seed" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"synthetic: option {key} must be an integer >= {low}, got {value!r}")
+        problem = int_problem(f"option {key}", value, 0 if key == "seed" else 1)
+        if problem:
+            raise ValueError(f"synthetic: {problem}")
     return _measured("synthetic", _synthetic_raw(**opts), "generated prototype + noise "
                      "images, classes interleaved (tests)", "generated from data.options")
 

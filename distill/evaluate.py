@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distill.augment import AUGMENTS, build_augment
+from distill.checks import check_int, int_problem
 from distill.data import Dataset
 from distill.models import build_model, eval_outputs
 from distill.rng import (
@@ -76,8 +77,8 @@ def eval_epochs(ratio: float, *, full_epochs: int = 200, budget: float = 0.25) -
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         problems.append(f"ratio (synthetic / real training images) must be in (0, 1], "
                         f"got {ratio!r}")
-    if isinstance(full_epochs, bool) or not isinstance(full_epochs, int) or full_epochs < 1:
-        problems.append(f"full_epochs must be an integer >= 1, got {full_epochs!r}")
+    if problem := int_problem("full_epochs", full_epochs):
+        problems.append(problem)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         problems.append(f"budget must be > 0, got {budget!r}")
     if problems:
@@ -103,9 +104,8 @@ def _check_training_inputs(images: Tensor, labels: Tensor, num_classes: int, epo
     elif labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
         problems.append(f"labels must be in 0..{num_classes - 1}, got "
                         f"{int(labels.min())}..{int(labels.max())}")
-    for key, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"{key} must be an integer >= 1, got {value!r}")
+    problems += [p for p in (int_problem("epochs", epochs), int_problem("batch_size", batch_size))
+                 if p]
     if augment not in AUGMENTS:
         problems.append(f"unknown augment {augment!r}; valid: {', '.join(sorted(AUGMENTS))}")
     if is_distilled is not None and tuple(is_distilled.shape) != (images.shape[0],):
@@ -279,8 +279,7 @@ class Reference:
           of them when the set is small enough, else a fixed-seed random subset (dataset order
           may be sorted by class, as for Tiny ImageNet, so "the first k" could miss classes).
         """
-        if isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 2:
-            raise ValueError(f"max_train must be an integer >= 2, got {max_train!r}")
+        check_int("max_train", max_train, 2)
         feature_fn = _FeatureFn(expert_model, batch_size)
         test_features, logits = _features_and_logits(expert_model, ds.x_test, batch_size)
         onehot = F.one_hot(ds.y_test.long(), logits.shape[1]).float()
@@ -358,8 +357,7 @@ def evaluate_images(images: Tensor, labels: Tensor, ds: Dataset, *, model: str, 
                     reference: Reference | None = None, progress: bool = True) -> EvalResult:
     """Train `runs` fresh networks on the images (run k seeded from (seed, k)) and test each on
     ds.x_test / ds.y_test. Every run is reported; none is chosen by its test accuracy."""
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
+    check_int("runs", runs)
     if reference is not None and tuple(reference.easy.shape) != tuple(ds.y_test.shape):
         raise ValueError(f"reference.easy has shape {tuple(reference.easy.shape)}, the test set "
                          f"has {len(ds.y_test)} samples: build the Reference on this dataset")

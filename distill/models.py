@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.checks import int_problem
+
 __all__ = [
     "MODELS", "NORMS", "ConvNet", "ResNet", "VGG", "build_model", "eval_outputs", "make_norm",
     "max_convnet_depth", "model_names",
@@ -344,8 +346,8 @@ def build_model(
         ("in_channels", in_channels), ("num_classes", num_classes),
         ("image_size", image_size), ("width", width),
     ):  # fmt: skip
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"{key} must be a positive integer, got {value!r}")
+        if problem := int_problem(key, value):
+            problems.append(problem)
     if problems:
         raise ValueError("; ".join(problems))
     return MODELS[name](

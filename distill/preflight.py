@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distill.checks import check_int
 from distill.estimate import (
     MatchingShape,
     communication,
@@ -91,8 +92,7 @@ def estimate_run(cfg, *, ranks: int = 1, device: str = "cuda", device_memory: fl
                  profiles: list | None = None, info=None) -> RunEstimate:
     """Memory, storage, communication, FLOPs and (with a matching profile) time of ``cfg``'s
     distillation on ``ranks`` ranks of ``device`` (cpu or cuda)."""
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"ranks (--gpus) must be an integer >= 1, got {ranks!r}")
+    check_int("ranks (--gpus)", ranks)
     shape = shape_from_config(cfg, info, ranks=ranks, device=device)
     mem = memory(shape, device)
     warnings, suggested = [], None

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distill.checks import int_problem
+
 
 def make_generator(*seeds: int) -> torch.Generator:
     """CPU generator seeded from a position tuple such as (run seed, tag, iteration, step).
@@ -30,8 +32,8 @@ def make_generator(*seeds: int) -> torch.Generator:
     """
     if not seeds:
         raise ValueError("make_generator needs at least one seed")
-    if any(not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be non-negative integers, got {seeds!r}")
+    if any(int_problem("seed", s, 0) for s in seeds):
+        raise ValueError(f"seeds must be integers >= 0, got {seeds!r}")
     state = np.random.SeedSequence([int(s) for s in seeds]).generate_state(1, dtype=np.uint64)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(state[0]))

@@ -177,3 +177,24 @@ def test_resolved_config_roundtrip_through_fsspec():
     again = load_config(url)
     assert again == cfg
     assert dump_yaml(again) == storage.read_text(url)
+
+
+def test_the_library_int_check_is_worded_once():
+    """distill/checks.py replaced thirteen copies of `isinstance(v, bool) or not isinstance(v,
+    int) or v < k` in data, evaluate, models, imagefolder, preflight, rng and tune/search."""
+    import numpy as np
+
+    from distill.checks import check_int, int_problem
+    from distill.evaluate import evaluate_images
+    from distill.models import build_model
+
+    assert int_problem("runs", 2) is None and int_problem("seed", np.int64(0), 0) is None
+    assert int_problem("runs", True) == "runs must be an integer >= 1, got True"
+    assert int_problem("runs", 1.0) == "runs must be an integer >= 1, got 1.0"
+    assert check_int("max_train", 2, 2) == 2
+    with pytest.raises(ValueError, match=r"^max_train must be an integer >= 2, got 1$"):
+        check_int("max_train", 1, 2)
+    with pytest.raises(ValueError, match="width must be an integer >= 1, got 0"):
+        build_model("convnet", in_channels=1, num_classes=3, image_size=8, width=0)
+    with pytest.raises(ValueError, match="runs must be an integer >= 1, got 0"):
+        evaluate_images(None, None, None, model="convnet", epochs=1, runs=0)

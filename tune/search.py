@@ -34,6 +34,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from distill.checks import check_int
+
 MODES = ("max", "min")
 
 
@@ -65,8 +67,7 @@ class HillClimb:
             raise ValueError(f"grid values must be strictly increasing, got {list(grid)}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if type(max_in_flight) is not int or max_in_flight < 1:  # noqa: E721 (bool is no int here)
-            raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
+        check_int("max_in_flight", max_in_flight)
         self.grid = [float(v) for v in grid]
         self.mode = mode
         self.max_in_flight = max_in_flight
