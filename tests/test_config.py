@@ -198,3 +198,20 @@ def test_the_library_int_check_is_worded_once():
         build_model("convnet", in_channels=1, num_classes=3, image_size=8, width=0)
     with pytest.raises(ValueError, match="runs must be an integer >= 1, got 0"):
         evaluate_images(None, None, None, model="convnet", epochs=1, runs=0)
+
+
+def test_every_numeric_range_is_one_row_of_a_table():
+    """validation.RANGES: one interval per numeric field (eval.num_cpus was checked twice and a
+    bad value reported twice)."""
+    import typing
+
+    from distill.validation import RANGES
+
+    hints = {f"{s}.{k}": v for s in ("data", "model", "experts", "select", "distill", "eval",
+                                     "tune")
+             for k, v in typing.get_type_hints(type(getattr(RunConfig(), s))).items()}
+    hints["seed"] = int
+    for path in RANGES:
+        assert {int, float} & set(typing.get_args(hints[path]) or (hints[path],)), path
+    (p,) = _problems(eval={"num_cpus": -1})
+    assert p == "eval.num_cpus must be in [0, inf], got -1"
