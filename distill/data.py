@@ -95,11 +95,6 @@ class Dataset:
         mean = torch.tensor(self.info.mean, **kw).view(-1, 1, 1)
         return mean, torch.tensor(self.info.std, **kw).view(-1, 1, 1)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels ([..., C, H, W]) to model input space."""
-        mean, std = self._stats(x)
-        return (x - mean) / std
-
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Model input space back to pixels; not clamped (distilled images may leave [0, 1])."""
         mean, std = self._stats(x)

@@ -67,10 +67,10 @@ class ExpertResult:
                    train_loss=list(state["train_loss"]), seconds=float(state.get("seconds", 0.0)))
 
 
-def build_network(cfg: RunConfig, ds: Dataset, *, name: str | None = None) -> torch.nn.Module:
+def build_network(cfg: RunConfig, ds: Dataset) -> torch.nn.Module:
     """The expert/student network of ``cfg.model`` for dataset ``ds``."""
     c, h, _ = ds.info.image_shape
-    return build_model(name or cfg.model.name, in_channels=c, num_classes=ds.info.num_classes,
+    return build_model(cfg.model.name, in_channels=c, num_classes=ds.info.num_classes,
                        image_size=h, width=cfg.model.width, depth=cfg.model.depth,
                        norm=cfg.model.norm)
 

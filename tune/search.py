@@ -128,12 +128,6 @@ class HillClimb:
         self.history.append(obs)
         return obs
 
-    def cancel(self, value: float) -> None:
-        """Forget a pending suggestion that will never be run (it may be suggested again)."""
-        i = self.index(value)
-        if i in self._pending:
-            self._pending.remove(i)
-
     # -- state -------------------------------------------------------------------------------
 
     @property
