@@ -33,8 +33,11 @@ def _images(in_channels: int, image_size: int, batch: int = 2, dtype=torch.float
 
 
 def test_registry_names():
-    assert model_names() == sorted(MODELS)
+    assert model_names() == ["convnet", "resnet18", "resnet34", "resnet50", "vgg11", "vgg16"]
     assert set(model_names()) == {"convnet", "resnet18", "resnet34", "resnet50", "vgg11", "vgg16"}
+    with pytest.raises(ValueError, match="unknown model 'vit'; valid names: convnet, resnet18, "
+                                         "resnet34, resnet50, vgg11, vgg16"):
+        build_model("vit", in_channels=1, num_classes=3, image_size=8)
 
 
 SHAPES = [(1, 8), (3, 32)]

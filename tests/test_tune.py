@@ -305,6 +305,9 @@ def test_tune_end_to_end_on_digits_with_ray(prepared, ray_local):
         recs = read_jsonl(storage.join(out, kind, "trials.jsonl"))
         assert len(recs) == s["trials"] and all(r["status"] == "ok" for r in recs)
         assert all(0 <= r["metric"] <= 1 and r["epochs"] == 2 for r in recs)  # 20% of 10
+        # one evaluation run per trial: a count of the validation samples it gets right
+        assert all(abs(r["metric"] * r["n_val"] - round(r["metric"] * r["n_val"])) < 1e-4
+                   for r in recs)
         # the augmentation of the row a trial stands for: window (DSA), SelMatch (combined)
         assert {r["augment"] for r in recs} == {"dsa" if kind == "beta" else "combined"}
         assert storage.size(storage.join(out, f"{kind}.png")) > 1000
@@ -348,10 +351,21 @@ def test_tune_config_fields_are_validated():
     assert "tune.beta_bound must be in [0, 1], got 1.5" in text and "tune.eval_runs" in text
 
 
-def test_tune_is_a_cli_command():
-    from launch.cli import COMMANDS, _parser
+def test_tune_is_a_cli_command(monkeypatch):
+    """``selmatch tune`` reaches run_tune with the loaded config (overrides applied), the Ray
+    address and --no-ray; so does ``python -m tune``."""
+    import tune.main as tune_main
+    from launch.cli import _parser, main
 
-    assert COMMANDS["tune"][1] == "tune.main:cmd_tune"
     args, rest = _parser().parse_known_args(["tune", "--config", "f.yaml", "--ray-address",
                                              "auto", "--tune.beta_step", "0.05"])
     assert args.ray_address == "auto" and rest == ["--tune.beta_step", "0.05"]
+    calls = []
+    monkeypatch.setattr(tune_main, "run_tune", lambda cfg, **kw: calls.append((cfg, kw)))
+    quick = "configs/quickstart.yaml"
+    assert main(["tune", "--config", quick, "--ray-address", "auto", "--tune.beta_step",
+                 "0.05"]) == 0
+    assert tune_main.main(["--config", quick, "--no-ray", "--tune.alpha_step", "0.25"]) == 0
+    (cfg, kw), (cfg2, kw2) = calls
+    assert cfg.tune.beta_step == 0.05 and kw == {"ray_address": "auto", "use_ray": True}
+    assert cfg2.tune.alpha_step == 0.25 and kw2 == {"ray_address": None, "use_ray": False}
