@@ -65,6 +65,19 @@ class Batching:
         return "distill.batch_syn"
 
 
+def idle_ranks(batch: int, group: int, group_ranks: int, ranks: int) -> str | None:
+    """Why some of ``ranks`` ranks would idle (a step has fewer BN groups than teams of
+    ``group_ranks``), and what to change; None when every rank has work."""
+    teams, groups = ranks // group_ranks, batch // group
+    if groups >= teams:
+        return None
+    return (f"{(teams - groups) * group_ranks} of {ranks} ranks idle: |b|/g = {groups} group(s) "
+            f"per step for {teams} team(s) of {group_ranks}; set distill.bn_group <= "
+            f"{batch // teams}, or distill.group_ranks to spread each group over more ranks (g "
+            f"is part of the math: changing it changes the result; neither R nor group_ranks "
+            f"does)")
+
+
 def resolve(d: DistillConfig, matched: int) -> Batching:
     """|b| and g of a step drawing from ``matched`` images."""
     batch = min(d.batch_syn or matched, matched)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from distill import storage
 from distill.augment import training_dsa
-from distill.batching import resolve
+from distill.batching import idle_ranks, resolve
 from distill.config import RunConfig, syn_lr_init
 from distill.config_io import save_config
 from distill.data import Dataset, load_configured
@@ -108,13 +108,9 @@ class Distiller:
         n_match = len(synset.distilled) if self.method == "merge" else len(synset)
         batching = resolve(cfg.distill, n_match).check()  # the rule validation applied
         self.batch, self.group = batching.batch, batching.group
-        groups, teams = batching.groups, comm.world_size // cfg.distill.group_ranks
-        if teams > groups and is_main:
-            log.warning("%d team(s) of %d rank(s) share %d BN group(s) per step: %d rank(s) "
-                        "idle. Set distill.bn_group <= %d, or distill.group_ranks to spread each "
-                        "group over more ranks (g is part of the math: changing it changes the "
-                        "result; neither R nor group_ranks does)", teams, cfg.distill.group_ranks,
-                        groups, (teams - groups) * cfg.distill.group_ranks, self.batch // teams)
+        idle = idle_ranks(self.batch, self.group, cfg.distill.group_ranks, comm.world_size)
+        if idle is not None and is_main:
+            log.warning("%s", idle)
         momentum = cfg.distill.momentum
         self.opt_images = torch.optim.SGD([synset.distilled], lr=cfg.distill.lr_images,
                                           momentum=momentum)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distill.batching import idle_ranks
 from distill.checks import check_int
 from distill.estimate import (
     MatchingShape,
@@ -117,13 +118,9 @@ def estimate_run(cfg, *, ranks: int = 1, device: str = "cuda", device_memory: fl
                 f" usable ({fmt_bytes(device_memory)} less {HEADROOM:.0%} headroom); "
                 f"--distill.bn_group {suggested} fits (g is part of the math: it changes the "
                 f"result, the number of ranks does not)")
-    teams = ranks // shape.group_ranks
-    if shape.groups < teams:
-        idle = (teams - shape.groups) * shape.group_ranks
-        warnings.append(f"{idle} of {ranks} ranks idle: |b|/g = {shape.groups} group(s) per "
-                        f"step for {teams} team(s) of {shape.group_ranks}; set distill.bn_group "
-                        f"<= {shape.batch // teams}, or distill.group_ranks to spread each group "
-                        f"over more ranks")
+    idle = idle_ranks(shape.batch, shape.group, shape.group_ranks, ranks)
+    if idle is not None:
+        warnings.append(idle)
     params = shape.params
     trajectory = expert_storage(1, cfg.experts.epochs, params)
     time = iteration_time(shape, ranks, device,

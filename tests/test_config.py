@@ -245,3 +245,13 @@ def test_every_numeric_range_is_one_row_of_a_table():
         assert {int, float} & set(typing.get_args(hints[path]) or (hints[path],)), path
     (p,) = _problems(eval={"num_cpus": -1})
     assert p == "eval.num_cpus must be in [0, inf], got -1"
+
+
+def test_idle_ranks_is_one_rule_for_the_distiller_and_the_estimate():
+    from distill.batching import idle_ranks
+
+    assert idle_ranks(8, 4, 1, 2) is None and idle_ranks(8, 4, 2, 4) is None
+    note = idle_ranks(8, 8, 1, 4)  # one group, four ranks
+    assert note.startswith("3 of 4 ranks idle: |b|/g = 1 group(s) per step for 4 team(s) of 1")
+    assert "set distill.bn_group <= 2" in note
+    assert idle_ranks(8, 4, 2, 8).startswith("4 of 8 ranks idle")  # 2 groups, 4 teams of 2
