@@ -23,7 +23,8 @@ import time
 import numpy as np
 import torch
 
-from distill.config import load_config
+from distill.baselines import search_epochs
+from distill.config_io import load_config
 from distill.data import load_configured
 from distill.distiller import Distiller
 from distill.evaluate import evaluate_config
@@ -33,7 +34,7 @@ from distill.trajectories import ExpertStore
 from distill.scores import load_scores
 from launch.experts import run_experts
 from launch.scores import ensure_scores
-from tune.trials import TrialContext, trial_epochs
+from tune.trials import TrialContext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FRACTIONS = (0.1, 0.2, 0.5, 1.0)
@@ -48,7 +49,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def score(ctx: TrialContext, synset: SyntheticSet, seed: int) -> float:
     images = synset.images().detach().cpu()
-    epochs = trial_epochs(ctx.cfg, len(images), len(ctx.ds.y_train), "alpha")
+    epochs = search_epochs(ctx.cfg, len(images), len(ctx.ds.y_train), "alpha")
     res = evaluate_config(images, synset.labels.cpu(), ctx.val_ds, ctx.cfg.eval,
                           is_distilled=synset.is_distilled.cpu(), seed=seed, device="cpu",
                           runs=ctx.cfg.tune.eval_runs, epochs=epochs,

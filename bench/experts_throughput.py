@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from distill.config import from_dict
+from distill.config_io import from_dict
 from launch.experts import run_experts
 from launch.ray_utils import init_ray
 

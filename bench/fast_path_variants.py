@@ -29,7 +29,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from distill.functional import functional_convnet  # noqa: E402
-from distill.models import ParamLayout, build_model  # noqa: E402
+from distill.models import build_model  # noqa: E402
+from distill.params import ParamLayout  # noqa: E402
 from distill.student import _kernels  # noqa: E402
 
 

@@ -48,7 +48,8 @@ core. ``--budget S``: no configuration starts after S seconds (recorded as skipp
 session ends in time; the results are written after every row.
 
 Writes ``--out`` (default bench/results/matching_<cpu|gpu name>) .json (records, command, machine,
-torch version, date) and .md (the table under a line naming the machine and the command).
+torch version, date) and .md (the table under a line naming the machine and the command), through
+bench/matching_report.py.
 """
 
 from __future__ import annotations
@@ -56,13 +57,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import shlex
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -73,6 +71,16 @@ for path in (ROOT, HERE):  # run as `python bench/matching.py` without an instal
 import torch  # noqa: E402
 
 from matching_probe import GIB, METHODS, measure  # noqa: E402
+from matching_report import (  # noqa: E402
+    COLUMNS,
+    agreement,
+    load_average,
+    machine,
+    row_text,
+    speedups,
+    table,
+    write_results,
+)
 
 RESULT_MARK = "@@matching-result@@"
 PRECISIONS = ("tf32", "fp32")
@@ -215,145 +223,6 @@ def run_grid(specs: list[dict], s: dict, isolate: bool, save) -> list[dict]:
         print(row_text(rec), flush=True)
         save(done)
     return done
-
-
-# --------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------
-
-COLUMNS = ("method", "path", "prec", "|b|", "N", "g", "n", "s/iter", "first s", "CPU s/iter",
-           "peak GiB", "Δ GiB", "image-steps/s", "grad err", "host syncs")
-
-
-def _cells(r: dict) -> list[str]:
-    ok = r["status"] == "ok"
-    path = r.get("path", "")
-    if r.get("fallback"):
-        path = f"FELL BACK TO EAGER: {r['fallback'][:80]}"
-    return [r["method"], path, r.get("precision", ""), str(r["batch"]), str(r["steps"]),
-            str(r["group"]), str(r["n_images"]),
-            f"{r['s_per_iter']:.3f} ± {r['s_std']:.3f}" if ok else r["status"],
-            f"{r['first_s']:.1f}" if ok else "",
-            f"{r['cpu_s_per_iter']:.3f}" if ok else "",
-            f"{r['peak_gib']:.3f}" if "peak_gib" in r else "",
-            f"{r['delta_gib']:.3f}" if "delta_gib" in r else "",
-            f"{r['image_steps_per_s']:.0f}" if ok else "",
-            f"{r['grad_err']:.1e}" if r.get("grad_err") is not None else "",
-            str(r["host_syncs"]) if r.get("host_syncs") is not None else ""]
-
-
-def row_text(r: dict) -> str:
-    note = " ".join(x for x in (r.get("error"), r.get("note")) if x)
-    return "  ".join(f"{c:>8}" for c in _cells(r)) + (f"  [{note}]" if note else "")
-
-
-def table(records: list[dict]) -> str:
-    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in COLUMNS) + " | note |",
-             "|" + " --- |" * (len(COLUMNS) + 1)]
-    for r in records:
-        note = " ".join(x for x in (r.get("error"), r.get("note")) if x).replace("|", "\\|")
-        lines.append("| " + " | ".join(_cells(r)) + f" | {note} |")
-    return "\n".join(lines)
-
-
-def speedups(records: list[dict]) -> list[str]:
-    """fast vs eager replay and fast vs unrolled, per shape and precision."""
-    ok = {(r["method"], r["batch"], r["steps"], r["group"], r.get("precision")): r
-          for r in records if r["status"] == "ok"}
-    lines = []
-    for (m, b, n, g, p), r in ok.items():
-        if m != "fast" or r.get("fallback"):
-            continue
-        for other in ("replay", "unrolled"):
-            o = ok.get((other, b, n, g, p))
-            if o:
-                lines.append(f"{b}x{n} g{g} {p}: fast {o['s_per_iter'] / r['s_per_iter']:.2f}x "
-                             f"faster than {'eager replay' if other == 'replay' else other} "
-                             f"({r['s_per_iter']:.3f} vs {o['s_per_iter']:.3f} s/iter)")
-    return lines
-
-
-def agreement(records: list[dict]) -> str | None:
-    """Max relative difference of each method against the eager replay over configs both ran
-    (same plans and inputs)."""
-    ok = {(r["method"], r["batch"], r["steps"], r["group"], r.get("precision")): r
-          for r in records if r["status"] == "ok"}
-    worst: dict[str, dict[str, float]] = {}
-    for (m, b, n, g, p), r in ok.items():
-        ref = ok.get(("replay", b, n, g, p))
-        if m == "replay" or ref is None:
-            continue
-        for cr, cu in zip(r["checks"], ref["checks"]):
-            for k, v in cr.items():
-                rel = abs(v - cu[k]) / max(abs(v), abs(cu[k]), 1e-30)
-                worst.setdefault(m, {})[k] = max(worst.get(m, {}).get(k, 0.0), rel)
-    if not worst:
-        return None
-    return "; ".join(f"{m} vs eager replay, same plans: max relative difference " +
-                     ", ".join(f"{k} {v:.1e}" for k, v in w.items()) for m, w in worst.items())
-
-
-def machine(device: torch.device, threads: int | None = None) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{torch.cuda.get_device_name(device)} ({props.total_memory / GIB:.0f} GiB)"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}, {os.cpu_count()} CPU cores, {threads or torch.get_num_threads()} torch "
-            f"thread(s), no GPU used")
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def write_results(out: str, records: list[dict], s: dict, device: torch.device,
-                  load: dict) -> None:
-    when = datetime.now(timezone.utc)
-    script = os.path.relpath(os.path.abspath(__file__), ROOT)
-    command = shlex.join(["python", script] + sys.argv[1:])
-    doc = {"command": command, "machine": machine(device, s["threads"]), "torch": torch.__version__,
-           "python": platform.python_version(), "date": when.isoformat(timespec="seconds"),
-           "load_average": load, "settings": s, "agreement": agreement(records),
-           "speedups": speedups(records), "records": records}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for ext, text in ((".json", json.dumps(doc, indent=1)), (".md", _markdown(doc, s, device))):
-        tmp = out + ext + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, out + ext)
-
-
-def _markdown(doc: dict, s: dict, device: torch.device) -> str:
-    mem = ("peak = max_memory_allocated; Δ = peak − allocated before the first step"
-           if device.type == "cuda" else
-           "peak = peak RSS during the steps (fresh process per row); Δ = peak − RSS before the "
-           "first step")
-    shape = (f"ConvNet-BN width {s['width']} depth {s['depth']}, {s['image_size']}×"
-             f"{s['image_size']}×{s['channels']}, {s['classes']} classes, {s['dtype']}, "
-             f"DSA {'on' if s['dsa'] else 'off'}, {s['warmup']} warm-up + {s['iters']} timed "
-             f"iterations")
-    text = (f"# Matching step: {doc['machine']}, torch {doc['torch']}, {doc['date']}\n\n"
-            f"`{doc['command']}`\n\n{shape}. {mem}; s/iter is wall time, mean ± sd; first s = the "
-            f"first iteration (with compilation for fast); CPU s/iter is the process's CPU time "
-            f"(all threads); n = synthetic set size; g = BN group; prec = convolution precision; "
-            f"grad err = median relative error of the image gradient against a float64 eager "
-            f"replay of the same plans (the problem is ill-conditioned: float32 itself is at "
-            f"1e-3 to 1e-2 here, whichever path runs); host syncs = CUDA host waits during one matching call (torch's "
-            f"sync debug mode; 1 is the loss's start distance read once per iteration). Load average (1, 5, 15 min) at start {doc['load_average']['start']}"
-            f", at end {doc['load_average'].get('end')}.\n\n{table(doc['records'])}\n")
-    if doc["speedups"]:
-        text += "\n" + "\n".join(f"- {line}" for line in doc["speedups"]) + "\n"
-    if doc["agreement"]:
-        text += f"\n{doc['agreement']}.\n"
-    return text
 
 
 # --------------------------------------------------------------------------------------------

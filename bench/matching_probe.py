@@ -17,7 +17,8 @@ import torch
 
 from distill.augment import DSA
 from distill.matching import MatchPlan, Student, make_plan, match_replay, match_unrolled
-from distill.models import ParamLayout, build_model
+from distill.models import build_model
+from distill.params import ParamLayout
 from distill.student import set_precision
 
 METHODS = {"replay": match_replay, "fast": match_replay, "unrolled": match_unrolled}

@@ -10,7 +10,8 @@ global batch sharded across ranks must see the same transform row by row. Hence 
 * :meth:`DSA.apply` is a pure, differentiable function of (images, params): the same params on the
   same device give a bit-identical output. :meth:`DSAParams.slice` cuts the rows a shard or BN
   group owns.
-* :func:`make_generator` derives generators from (run seed, iteration, step, ...), never the clock.
+* generators come from :func:`distill.rng.make_generator` (run seed, stream tag, iteration,
+  step, ...), never from the clock.
 
 Semantics follow DSA (Zhao & Bilen, 2021), re-implemented from its description:
 
@@ -41,7 +42,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from kornia.enhance import adjust_brightness
@@ -61,22 +61,6 @@ _VALUE_KEYS = {
 }
 
 _PARAM_DTYPE = torch.float32  # explicit, so a changed global default dtype cannot change the draws
-
-
-def make_generator(*seeds: int) -> torch.Generator:
-    """CPU generator seeded from a position tuple such as (run seed, iteration, step).
-
-    Why SeedSequence: it mixes the tuple into well-separated streams, so (1, 2, 3) and (1, 2, 4)
-    or (12, 3) and (1, 23) never collide the way sums or string joins can.
-    """
-    if not seeds:
-        raise ValueError("make_generator needs at least one seed")
-    if any(not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be non-negative integers, got {seeds!r}")
-    state = np.random.SeedSequence([int(s) for s in seeds]).generate_state(1, dtype=np.uint64)
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(state[0]))
-    return gen
 
 
 def _half_up(value: float) -> int:
@@ -424,6 +408,22 @@ def _build_combined(config: DSAConfig) -> Augmentation:
 AUGMENTS: dict[str, Callable[[DSAConfig], Augmentation]] = {
     "none": _build_none, "dsa": _build_dsa, "simple": _build_simple, "combined": _build_combined,
 }
+"""Evaluation augmentations (``eval.augment``, a row's rule in distill/methods.py)."""
+
+TRAINING_AUGMENTS: dict[str, Callable[[DSAConfig], DSA | None]] = {
+    "dsa": DSA, "none": lambda config: None,
+}
+"""What a training loop applies to each minibatch (``experts.augment``, ``distill.augment``):
+DSA, whose parameters the loop draws and can replay, or nothing."""
+
+
+def training_dsa(name: str, config: DSAConfig = DSAConfig()) -> DSA | None:
+    """The DSA of a training loop's ``augment`` setting (None for none); an unknown name lists
+    the valid ones."""
+    if name not in TRAINING_AUGMENTS:
+        raise ValueError(f"unknown training augmentation {name!r}; valid: "
+                         f"{', '.join(TRAINING_AUGMENTS)}")
+    return TRAINING_AUGMENTS[name](config)
 
 
 def build_augment(name: str, config: DSAConfig = DSAConfig()) -> Augmentation:

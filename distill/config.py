@@ -4,12 +4,11 @@ Why dataclasses and not a free-form dict: every field has a type, a default and 
 validation can name the exact field that is wrong, and a typo in a YAML file or an override is an
 error instead of a silently ignored key.
 
-Loading order: dataclass defaults <- YAML file <- dotted command-line overrides
-(``--distill.alpha 0.3``, ``--run_dir=/tmp/r``). Override values are parsed as YAML scalars, so
-``null``, ``true``, ``1e-5`` and ``[a, b]`` mean what they mean in a config file.
-
-:func:`validate` collects every problem and raises one :class:`ConfigError` listing all of them,
-each naming the field, the value and what is allowed.
+This module is a leaf: it imports nothing of the project, so every module may import it. The
+layers above it: distill/validation.py checks a config (every problem at once, each naming the
+field, the value and what is allowed, in one :class:`ConfigError`) and distill/config_io.py
+loads one (defaults <- YAML file <- dotted overrides such as ``--distill.alpha 0.3``), validates
+and saves it.
 """
 
 from __future__ import annotations
@@ -124,7 +123,8 @@ class DistillConfig:
     max_start_epoch: int = 20
     """T+: the start epoch is drawn uniformly from [0, T+)."""
     batch_syn: int | None = None
-    """|b|: synthetic images per student step; None = the whole synthetic set."""
+    """|b|: synthetic images per student step; None = every image a step matches (the whole
+    set; D_distill alone in merge mode), and never more than those (distill/batching.py)."""
     bn_group: int | None = None
     """g: batch-norm group size (samples normalised together); None = |b|. Must divide |b|."""
     lr_images: float = 1000.0
@@ -298,51 +298,6 @@ def syn_lr_init(cfg: RunConfig) -> float:
     return cfg.distill.syn_lr_init if cfg.distill.syn_lr_init is not None else cfg.experts.lr
 
 
-def bn_group(cfg: RunConfig, num_classes: int) -> int:
-    return cfg.distill.bn_group or batch_syn(cfg, num_classes)
-
-
-def batch_syn(cfg: RunConfig, num_classes: int) -> int:
-    return cfg.distill.batch_syn or cfg.select.ipc * num_classes
-
-
-def rep_dir(cfg: RunConfig, seed: int) -> str:
-    """Where repetition ``seed`` lives: run_dir for the run seed, run_dir/seeds/<s> otherwise."""
-    from distill import storage
-
-    return cfg.run_dir if seed == cfg.seed else storage.join(cfg.run_dir, "seeds", str(seed))
-
-
-def repetitions(cfg: RunConfig) -> list[RunConfig]:
-    """One config per repetition seed (``seeds``, default ``[seed]``): ``seed`` = that seed and
-    ``run_dir`` = :func:`rep_dir`; experts, scores and the window search stay the run's."""
-    return [dataclasses.replace(cfg, seed=s, run_dir=rep_dir(cfg, s))
-            for s in (cfg.seeds or [cfg.seed])]
-
-
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check every field and the relations between them (distill/validation.py)."""
-    from distill.validation import validate_config
-
-    return validate_config(cfg)
-
-
-# Loading, overrides and saving live in distill/config_io.py; importers use them from here.
-from distill.config_io import (  # noqa: E402  (needs the classes above)
-    apply_overrides,
-    config_hash,
-    dump_yaml,
-    from_dict,
-    load_config,
-    parse_overrides,
-    save_config,
-    to_dict,
-)
-
-__all__ = [
-    "SECTIONS", "ConfigError", "DataConfig", "DistillConfig", "EvalConfig", "ExpertConfig",
-    "ModelConfig", "RunConfig", "ScoresConfig", "SelectConfig", "TuneConfig", "apply_overrides",
-    "batch_syn", "bn_group", "config_hash", "dump_yaml", "from_dict", "load_config",
-    "parse_overrides", "rep_dir", "repetitions", "save_config", "syn_lr_init", "to_dict",
-    "validate",
-]
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON-serialisable)."""
+    return dataclasses.asdict(cfg)

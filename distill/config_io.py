@@ -3,13 +3,13 @@
 Loading order: dataclass defaults <- YAML file <- dotted command-line overrides
 (``--distill.alpha 0.3``, ``--run_dir=/tmp/r``). Override values are parsed as YAML scalars, so
 ``null``, ``true``, ``1e-5`` and ``[a, b]`` mean what they mean in a config file. Types are checked
-field by field against the dataclasses of distill/config.py (which re-exports these functions).
+field by field against the dataclasses of distill/config.py, then the whole config by
+distill/validation.py. Also where each repetition seed's config and directory are.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import types
@@ -18,7 +18,10 @@ from typing import Any
 
 import yaml
 
-from distill.config import SECTIONS, ConfigError, RunConfig, validate
+from distill import storage
+from distill.config import ConfigError, RunConfig, to_dict
+from distill.validation import validate_config
+
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``)."""
@@ -116,11 +119,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
     return cls(**kwargs)
 
 
-def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """Plain nested dict (YAML/JSON-serialisable)."""
-    return dataclasses.asdict(cfg)
-
-
 def from_dict(data: dict[str, Any], *, check: bool = True) -> RunConfig:
     """Build a RunConfig from a nested dict; unknown keys and wrong types are errors."""
     if not isinstance(data, dict):
@@ -130,7 +128,7 @@ def from_dict(data: dict[str, Any], *, check: bool = True) -> RunConfig:
     if problems:
         raise ConfigError(problems)
     if check:
-        validate(cfg)
+        validate_config(cfg)
     return cfg
 
 
@@ -192,8 +190,6 @@ def load_config(path: str | None = None, overrides: list[str] | dict[str, Any] |
     """Defaults <- YAML file (path or fsspec URL) <- overrides; validated unless ``check=False``."""
     data: dict[str, Any] = {}
     if path is not None:
-        from distill import storage
-
         try:
             text = storage.read_text(path)
         except FileNotFoundError as err:
@@ -221,16 +217,23 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, run_dir: str | None = None) -> str:
     """Write the resolved config as ``<run_dir>/config.yaml`` (atomically); returns the URL."""
-    from distill import storage
-
     url = storage.join(run_dir or cfg.run_dir, "config.yaml")
     storage.write_text(url, dump_yaml(cfg))
     return url
 
 
-def config_hash(cfg: RunConfig, *sections: str) -> str:
-    """Short stable hash of the named sections (all when none); artifacts record it in manifests."""
-    full = to_dict(cfg)
-    chosen = {s: full[s] for s in (sections or SECTIONS + ("seed",))}
-    blob = json.dumps(chosen, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+# --------------------------------------------------------------------------------------------
+# Repetitions
+# --------------------------------------------------------------------------------------------
+
+
+def rep_dir(cfg: RunConfig, seed: int) -> str:
+    """Where repetition ``seed`` lives: run_dir for the run seed, run_dir/seeds/<s> otherwise."""
+    return cfg.run_dir if seed == cfg.seed else storage.join(cfg.run_dir, "seeds", str(seed))
+
+
+def repetitions(cfg: RunConfig) -> list[RunConfig]:
+    """One config per repetition seed (``seeds``, default ``[seed]``): ``seed`` = that seed and
+    ``run_dir`` = :func:`rep_dir`; experts, scores and the window search stay the run's."""
+    return [dataclasses.replace(cfg, seed=s, run_dir=rep_dir(cfg, s))
+            for s in (cfg.seeds or [cfg.seed])]

@@ -34,8 +34,10 @@ import numpy as np
 import torch
 
 from distill import imagefolder
+from distill.checks import check_int, int_problem
 from distill.data_formats import (
     _CIFAR10,
+    DatasetInfo,
     _CIFAR100,
     _IDX_NAMES,
     _TINY,
@@ -62,22 +64,6 @@ class UnknownDatasetError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would show the repr() of the message
         return str(self.args[0]) if self.args else ""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Static facts about a dataset, known without loading it (config validation uses them)."""
-
-    name: str
-    num_classes: int
-    image_shape: tuple[int, int, int]  # (C, H, W)
-    train_size: int | None  # None when it depends on options
-    test_size: int | None
-    min_class_size: int  # fewest TRAIN samples in a class: the largest IPC a selection can take
-    mean: tuple[float, ...]  # per channel, of [0, 1] pixels; defines the model input space
-    std: tuple[float, ...]
-    description: str
-    how_to_get: str  # one line: how to make the files available on a machine
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,11 +94,6 @@ class Dataset:
         kw = {"dtype": x.dtype, "device": x.device}
         mean = torch.tensor(self.info.mean, **kw).view(-1, 1, 1)
         return mean, torch.tensor(self.info.std, **kw).view(-1, 1, 1)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels ([..., C, H, W]) to model input space."""
-        mean, std = self._stats(x)
-        return (x - mean) / std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Model input space back to pixels; not clamped (distilled images may leave [0, 1])."""
@@ -204,9 +185,7 @@ class DatasetSpec:
 
 
 def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"train_per_class must be an integer >= 1, got {k!r}")
-    return k
+    return check_int("train_per_class", k)
 
 
 def _expand(root: str) -> str:
@@ -343,9 +322,9 @@ def _synthetic_raw(num_classes: int, per_class: int, test_per_class: int, image_
 
 def _synthetic_static(opts: Options) -> tuple[DatasetInfo, tuple[int, ...]]:
     for key, value in opts.items():
-        low = 0 if key == "seed" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"synthetic: option {key} must be an integer >= {low}, got {value!r}")
+        problem = int_problem(f"option {key}", value, 0 if key == "seed" else 1)
+        if problem:
+            raise ValueError(f"synthetic: {problem}")
     return _measured("synthetic", _synthetic_raw(**opts), "generated prototype + noise "
                      "images, classes interleaved (tests)", "generated from data.options")
 

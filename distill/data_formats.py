@@ -1,8 +1,9 @@
 """On-disk dataset formats: IDX (MNIST, Fashion-MNIST), CIFAR pickles, Tiny ImageNet folders.
 
 Each reader takes the folder its locator found (a local path or an fsspec URL) and returns a
-`_Raw`: pixels as stored plus labels, in dataset order. `distill.data` holds the registry that
-wires these readers to dataset names; this module must not import it (no cycle).
+`_Raw`: pixels as stored plus labels, in dataset order; :class:`DatasetInfo` holds the static
+facts of a dataset. `distill.data` holds the registry that wires these readers to dataset names;
+this module must not import it, nor must distill/imagefolder.py (no cycle).
 """
 
 from __future__ import annotations
@@ -36,6 +37,22 @@ class _Raw(NamedTuple):
 
 
 Options = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset, known without loading it (config validation uses them)."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    train_size: int | None  # None when it depends on options
+    test_size: int | None
+    min_class_size: int  # fewest TRAIN samples in a class: the largest IPC a selection can take
+    mean: tuple[float, ...]  # per channel, of [0, 1] pixels; defines the model input space
+    std: tuple[float, ...]
+    description: str
+    how_to_get: str  # one line: how to make the files available on a machine
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""The distillation loop: sample an expert segment, match, update D_distill and syn_lr, checkpoint.
+"""The distillation loop: sample an expert segment, match, update D_distill and syn_lr, checkpoint;
+and :func:`run_distill`, one whole distillation (select, distill, save), which
+``distill/main.py``, ``selmatch distill`` and ``selmatch run`` call.
 
 Every random choice is a function of (run seed, iteration): which expert, which start epoch, the
 batches and the augmentation. A checkpoint therefore needs no RNG state, and a run resumed from
@@ -11,27 +13,31 @@ import logging
 import math
 import resource
 import time
-from collections import OrderedDict
 
 import torch
 from tqdm.auto import tqdm
 
 from distill import storage
-from distill.augment import DSA, make_generator
-from distill.config import RunConfig, batch_syn, bn_group
-from distill.data import Dataset
+from distill.augment import training_dsa
+from distill.batching import idle_ranks, resolve
+from distill.config import RunConfig, syn_lr_init
+from distill.config_io import save_config
+from distill.data import Dataset, load_configured
 from distill.experts import build_network
 from distill.freshness import stamp
 from distill.matching import LOCAL, Collectives, make_plan, match_replay, theta_pair
-from distill.metrics import Metrics
-from distill.runtime import cpu_threads
+from distill.metrics import JsonlSink, Metrics, read_jsonl, tensorboard_sinks
+from distill.preflight import log_summary
+from distill.rng import SEGMENT
+from distill.runtime import Runtime, cpu_threads
+from distill.scores import load_scores, scores_digest
+from distill.selection import make_selection
 from distill.student import Student, set_precision
 from distill.synset import SyntheticSet
-from distill.trajectories import ExpertStore
+from distill.trajectories import ExpertStore, TrajectoryCache
 
 log = logging.getLogger(__name__)
 
-_SAMPLE = 41  # generator stream tag for (expert, start epoch)
 _LOSS_START = 5  # iterations whose mean loss is the divergence guard's reference
 
 
@@ -72,25 +78,6 @@ def check_resumable(state: dict, cfg: RunConfig, key: str, url: str) -> None:
             f"--resume to start over")
 
 
-class TrajectoryCache:
-    """Expert trajectories loaded on demand, the most recent ``size`` kept in memory."""
-
-    SIZE = 8  # default; distill/estimate.py reports the host memory it takes
-
-    def __init__(self, store: ExpertStore, size: int = SIZE):
-        self.store, self.size = store, size
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-
-    def __call__(self, expert_id: int) -> torch.Tensor:
-        if expert_id in self._cache:
-            self._cache.move_to_end(expert_id)
-        else:
-            self._cache[expert_id] = self.store.trajectory(expert_id)
-            if len(self._cache) > self.size:
-                self._cache.popitem(last=False)
-        return self._cache[expert_id]
-
-
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -110,7 +97,7 @@ class Distiller:
         self.resume_key = resume_hash(cfg, store.digest())
         self.trajectories = TrajectoryCache(store)
         dtype = synset.distilled.dtype
-        self.dsa = DSA() if cfg.distill.augment == "dsa" else None
+        self.dsa = training_dsa(cfg.distill.augment)
         self.precision = set_precision(cfg.distill.precision, self.device)
         self.student = Student.of(build_network(cfg, ds).to(self.device), self.dsa, dtype,
                                   self.device, compile=cfg.distill.compile,
@@ -119,18 +106,11 @@ class Distiller:
                                   team=comm.team(cfg.distill.group_ranks))
         # merge (ablation): D_distill is matched alone and concatenated afterwards
         n_match = len(synset.distilled) if self.method == "merge" else len(synset)
-        self.batch = min(batch_syn(cfg, ds.info.num_classes), n_match)
-        self.group = bn_group(cfg, ds.info.num_classes)
-        if self.batch % self.group:
-            raise ValueError(f"distill.bn_group {self.group} must divide the batch {self.batch} "
-                             f"(distill.batch_syn, capped at the {n_match} images matched)")
-        groups, teams = self.batch // self.group, comm.world_size // cfg.distill.group_ranks
-        if teams > groups and is_main:
-            log.warning("%d team(s) of %d rank(s) share %d BN group(s) per step: %d rank(s) "
-                        "idle. Set distill.bn_group <= %d, or distill.group_ranks to spread each "
-                        "group over more ranks (g is part of the math: changing it changes the "
-                        "result; neither R nor group_ranks does)", teams, cfg.distill.group_ranks,
-                        groups, (teams - groups) * cfg.distill.group_ranks, self.batch // teams)
+        batching = resolve(cfg.distill, n_match).check()  # the rule validation applied
+        self.batch, self.group = batching.batch, batching.group
+        idle = idle_ranks(self.batch, self.group, cfg.distill.group_ranks, comm.world_size)
+        if idle is not None and is_main:
+            log.warning("%s", idle)
         momentum = cfg.distill.momentum
         self.opt_images = torch.optim.SGD([synset.distilled], lr=cfg.distill.lr_images,
                                           momentum=momentum)
@@ -143,7 +123,7 @@ class Distiller:
     # -- one iteration -----------------------------------------------------------------------
 
     def sample_segment(self, iteration: int) -> tuple[int, int]:
-        gen = make_generator(self.cfg.seed, _SAMPLE, iteration)
+        gen = SEGMENT.generator(self.cfg.seed, iteration)
         expert = self.expert_ids[int(torch.randint(len(self.expert_ids), (1,), generator=gen))]
         start = int(torch.randint(self.cfg.distill.max_start_epoch, (1,), generator=gen))
         return expert, start
@@ -297,3 +277,124 @@ class Distiller:
         self.opt_lr.load_state_dict(state["opt_lr"])
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
+
+
+# --------------------------------------------------------------------------------------------
+# One whole distillation: select, distill, save
+# --------------------------------------------------------------------------------------------
+
+
+def initial_set(cfg: RunConfig, ds: Dataset, source: RunConfig | None = None) -> SyntheticSet:
+    """The selection of ``select.init`` as a synthetic set (float32, CPU); scores are read from
+    ``source.run_dir`` (default: ``cfg``'s)."""
+    scores = None if cfg.select.init == "random" else \
+        load_scores((source or cfg).run_dir, cfg.scores.kind)
+    sel = make_selection(cfg.select.init, scores=scores, labels=ds.y_train.numpy(),
+                         num_classes=ds.info.num_classes, ipc=cfg.select.ipc,
+                         beta=cfg.select.beta, alpha=cfg.distill.alpha, seed=cfg.seed)
+    return SyntheticSet.from_selection(sel, ds.x_train, syn_lr_init(cfg))
+
+
+def result_stamp(cfg: RunConfig, source: RunConfig | None = None) -> str:
+    """Freshness stamp of a distilled set (distill/freshness.py): every field of the stage,
+    iterations included, and the identity of the experts and scores it was made from."""
+    src = source or cfg
+    inputs = {"experts": ExpertStore(src).digest()}
+    if cfg.select.init != "random":
+        inputs["scores"] = scores_digest(src.run_dir, cfg.scores.kind)
+    return stamp(cfg, "distill", inputs=inputs)
+
+
+def _meta(cfg: RunConfig, method: str, stamp_: str, **extra) -> dict:
+    return {"method": method, "dataset": cfg.data.name, "ipc": cfg.select.ipc,
+            "alpha": cfg.distill.alpha, "beta": cfg.select.beta, "init": cfg.select.init,
+            "seed": cfg.seed, "iterations": cfg.distill.iterations, "stamp": stamp_, **extra}
+
+
+def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None = None,
+                progress: bool = True, source: RunConfig | None = None,
+                method: str | None = None, restart_stale: bool = False) -> SyntheticSet:
+    """Select, distill and save; returns the final synthetic set.
+
+    ``source``: the run whose experts and scores are used (default ``cfg``; ``selmatch run``
+    repeats distillation per seed in ``run_dir/seeds/<s>`` on the main run's experts). ``method``:
+    the artifact name (default :func:`method_name`). ``restart_stale``: with ``resume``, a
+    checkpoint that cannot continue to this result is ignored (the run starts over) instead of
+    refused. Everything that can refuse the run (data,
+    scores, experts, a checkpoint from other settings, an unwritable run_dir) is checked before
+    anything is written, so a refused run leaves the run directory as it was."""
+    rt = runtime or Runtime.create()
+    src = source or cfg
+    method = method or method_name(cfg)
+    ds = load_configured(cfg.data)
+    synset = initial_set(cfg, ds, src)
+    log.info("%s: %s, %d images (%d learnable), %s", method, cfg.data.name, len(synset),
+             len(synset.distilled), rt.describe())
+    distiller = None
+    if len(synset.distilled) and cfg.distill.iterations:
+        synset = synset.to(rt.device)
+        distiller = _distiller(cfg, ds, synset, rt, method, src, resume=resume,
+                               restart_stale=restart_stale)
+    # rank 0 writes: it checks, and every rank learns the verdict (no rank left in a collective)
+    problem = None
+    if rt.is_main:
+        try:
+            storage.check_writable(cfg.run_dir)
+        except storage.RunDirError as err:
+            problem = str(err)
+    problem = rt.broadcast_object(problem)
+    if problem is not None:
+        raise storage.RunDirError(problem)
+    final_stamp = result_stamp(cfg, src)
+    # checks done: from here on the run writes
+    if rt.is_main:
+        log_summary(cfg, ranks=rt.world_size, device=rt.device.type)
+    if rt.is_main:
+        save_config(cfg)
+        storage.write_json(storage.join(cfg.run_dir, "data.json"), ds.describe())
+        # the exact starting point (selection, learnable rows marked), kept for comparisons
+        synset.save(cfg.run_dir, f"{method}_init", meta=_meta(cfg, f"{method}_init", final_stamp),
+                    denormalize=ds.denormalize)
+    if distiller is None:
+        log.info("nothing to distill (alpha %.3g, %d iterations): the result is the selection",
+                 cfg.distill.alpha, cfg.distill.iterations)
+    else:
+        distiller.run(checkpoint_url=_checkpoint_url(cfg, method), progress=progress)
+        distiller.metrics.close()
+    if rt.is_main:
+        synset.save(cfg.run_dir, method, meta=_meta(cfg, method, final_stamp,
+                                                    syn_lr=float(synset.syn_lr.detach())),
+                    denormalize=ds.denormalize)
+    rt.barrier()
+    return synset
+
+
+def _checkpoint_url(cfg: RunConfig, method: str) -> str:
+    return storage.join(cfg.run_dir, "checkpoints", f"{method}.pt")
+
+
+def _distiller(cfg: RunConfig, ds: Dataset, synset: SyntheticSet, rt: Runtime, method: str,
+               source: RunConfig, *, resume: bool, restart_stale: bool) -> Distiller:
+    """The Distiller, resumed from the checkpoint when asked (and refused before any write when
+    the checkpoint cannot continue to this config's result)."""
+    ckpt = _checkpoint_url(cfg, method)
+    metrics_url = storage.join(cfg.run_dir, "logs", f"distill_{method}.jsonl")
+    sinks = [JsonlSink(metrics_url), *tensorboard_sinks(cfg, f"distill_{method}")] \
+        if rt.is_main else []
+    distiller = Distiller(cfg, ds, synset, ExpertStore(source), comm=rt, device=rt.device,
+                          metrics=Metrics(sinks), is_main=rt.is_main, method=method)
+    if resume and storage.exists(ckpt):
+        try:
+            distiller.load_checkpoint(ckpt)
+        except StaleCheckpointError as err:
+            if not restart_stale:
+                raise
+            log.info("%s; starting from iteration 0", err)
+            return distiller
+        if sinks and storage.exists(metrics_url):  # keep the metrics logged up to the checkpoint
+            sinks[0].records = [r for r in read_jsonl(metrics_url)
+                                if r.get("step", 0) <= distiller.iteration]
+        log.info("resumed from %s at iteration %d", ckpt, distiller.iteration)
+    elif resume:
+        log.info("no checkpoint at %s; starting from iteration 0", ckpt)
+    return distiller

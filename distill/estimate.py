@@ -1,5 +1,5 @@
-"""What a run will need before it starts: memory of the matching step, storage, communication,
-FLOPs (``selmatch estimate``; ``selmatch run`` and ``distill`` log the one-line summary).
+"""The matching step's resources, modelled: memory per rank, storage, communication and FLOPs
+(distill/preflight.py turns them into ``selmatch estimate``'s report and the one-line summary).
 
 The replay (distill/matching.py) keeps one call's graph alive at a time, so the peak memory of
 a rank is a sum of terms that can be written down:
@@ -23,21 +23,19 @@ counted by running one group's step and replay step on the meta device under PyT
 ``FlopCounterMode`` (instant, exact for the convolutions and matmuls of this code).
 
 Not counted: the CUDA context (a few hundred MiB outside PyTorch's allocator), which
-:data:`HEADROOM` leaves room for, and on CPU the interpreter, the loaded dataset and the
-expert-trajectory cache (host memory, reported separately).
+``distill.preflight.HEADROOM`` leaves room for, and on CPU the interpreter, the loaded dataset
+and the expert-trajectory cache (host memory, reported separately).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 GIB = 2.0 ** 30
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,11 +71,6 @@ COEFFICIENTS: dict[str, Coefficients] = {
     "cuda": Coefficients(activation=11.3, runtime_bytes=0.144 * GIB),
 }
 DEVICES = tuple(COEFFICIENTS)
-
-HEADROOM = 0.10
-"""Share of the device memory kept free when checking a fit: the CUDA context and allocator
-fragmentation are not in the model (a policy, not a measurement)."""
-
 
 # --------------------------------------------------------------------------------------------
 # The network: parameters, conv output elements and FLOPs, from the meta device
@@ -124,7 +117,7 @@ def group_flops(net: Network, group: int) -> tuple[int, int]:
     create_graph, then ∇ of g·λ w.r.t. θ and the images), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distill.models import ParamLayout, functional_forward
+    from distill.params import ParamLayout, functional_forward
 
     model = net.build().train()
     layout = ParamLayout.of(model)
@@ -204,7 +197,7 @@ class MatchingShape:
 
 def shape_from_config(cfg, info=None, *, ranks: int = 1, device: str = "cuda") -> MatchingShape:
     """The matching step of a :class:`RunConfig` (dataset facts from the registry, no files)."""
-    from distill.config import batch_syn
+    from distill.batching import matched_images, resolve
     from distill.data import get_info
     from distill.selection import split_counts
 
@@ -216,11 +209,11 @@ def shape_from_config(cfg, info=None, *, ranks: int = 1, device: str = "cuda") -
     n = cfg.select.ipc * k
     n_d = split_counts(cfg.select.ipc, cfg.distill.alpha)[1] * k
     merge = cfg.distill.mode == "merge"
-    n_matched = n_d if merge else n
-    batch = min(batch_syn(cfg, k), n_matched)
+    n_matched = matched_images(cfg, k)
+    batching = resolve(cfg.distill, n_matched)
     net = Network(name=cfg.model.name, in_channels=c, num_classes=k, image_size=h,
                   width=cfg.model.width, depth=cfg.model.depth, norm=cfg.model.norm)
-    return MatchingShape(net=net, batch=batch, group=cfg.distill.bn_group or batch,
+    return MatchingShape(net=net, batch=batching.batch, group=batching.group,
                          steps=cfg.distill.syn_steps, n_images=n, n_matched=n_matched,
                          n_learnable=n_d, joint=not merge, dsa=cfg.distill.augment == "dsa",
                          ranks=ranks, group_ranks=cfg.distill.group_ranks,
@@ -360,142 +353,3 @@ def parse_size(text: str) -> float:
         raise ValueError(f"device memory must be a positive size such as 80GiB, 141GB or "
                          f"4096MiB (units: {', '.join(u for u in _UNITS if u)}); got {text!r}")
     return float(m.group(1)) * _UNITS[unit]
-
-
-def host_memory_available() -> float | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(ln.split()[1]) * 1024.0 for ln in f if ln.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def device_memory_here(device: str, index: int = 0) -> float | None:
-    """Total memory of this machine's CUDA device, or the host's available memory on CPU."""
-    if device == "cpu":
-        return host_memory_available()
-    if torch.cuda.is_available():
-        return float(torch.cuda.get_device_properties(index).total_memory)
-    return None
-
-
-def usable(device_memory: float) -> float:
-    return device_memory * (1 - HEADROOM)
-
-
-
-# --------------------------------------------------------------------------------------------
-# A run's estimate
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunEstimate:
-    shape: MatchingShape
-    device: str
-    ranks: int
-    memory: dict[str, float]        # per rank, by component
-    device_memory: float | None     # bytes the check used (None: no check)
-    suggested_group: int | None     # when it does not fit: the largest g that does
-    experts_storage: float          # all expert trajectories
-    host_cache: float               # trajectories the distiller keeps in host memory
-    comm: dict[str, float]
-    flops: tuple[float, float]      # per iteration: all ranks, busiest rank
-    time: object | None             # distill.profiles.TimeEstimate
-    iterations: int
-    warnings: tuple[str, ...]
-
-    @property
-    def peak(self) -> float:
-        return sum(self.memory.values())
-
-    @property
-    def fits(self) -> bool | None:
-        return None if self.device_memory is None else self.peak <= usable(self.device_memory)
-
-
-def estimate_run(cfg, *, ranks: int = 1, device: str = "cuda", device_memory: float | None = None,
-                 profiles: list | None = None, info=None) -> RunEstimate:
-    """Memory, storage, communication, FLOPs and (with a matching profile) time of ``cfg``'s
-    distillation on ``ranks`` ranks of ``device`` (cpu or cuda)."""
-    from distill.distiller import TrajectoryCache
-    from distill.profiles import iteration_time, load_profiles
-
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"ranks (--gpus) must be an integer >= 1, got {ranks!r}")
-    shape = shape_from_config(cfg, info, ranks=ranks, device=device)
-    mem = memory(shape, device)
-    warnings, suggested = [], None
-    per_call = fitting_groups_per_call(shape, usable(device_memory), device) \
-        if device_memory is not None and shape.compiled else None
-    if device_memory is not None and sum(mem.values()) > usable(device_memory) and per_call:
-        warnings.append(
-            f"does not fit: {fmt_bytes(sum(mem.values()))} > {fmt_bytes(usable(device_memory))} "
-            f"usable; --distill.groups_per_call {per_call} fits (fewer BN groups per compiled "
-            f"call: the result does not change)")
-    elif device_memory is not None and sum(mem.values()) > usable(device_memory):
-        suggested = fitting_group(shape, usable(device_memory), device)
-        if suggested is None:
-            warnings.append(
-                f"does not fit: even g = 1 needs {fmt_bytes(peak_bytes(shape.with_group(1), device))}"
-                f" of the "
-                f"{fmt_bytes(usable(device_memory))} usable; lower distill.syn_steps, the IPC "
-                f"or use a device with more memory")
-        else:
-            warnings.append(
-                f"does not fit: {fmt_bytes(sum(mem.values()))} > {fmt_bytes(usable(device_memory))}"
-                f" usable ({fmt_bytes(device_memory)} less {HEADROOM:.0%} headroom); "
-                f"--distill.bn_group {suggested} fits (g is part of the math: it changes the "
-                f"result, the number of ranks does not)")
-    teams = ranks // shape.group_ranks
-    if shape.groups < teams:
-        idle = (teams - shape.groups) * shape.group_ranks
-        warnings.append(f"{idle} of {ranks} ranks idle: |b|/g = {shape.groups} group(s) per "
-                        f"step for {teams} team(s) of {shape.group_ranks}; set distill.bn_group "
-                        f"<= {shape.batch // teams}, or distill.group_ranks to spread each group "
-                        f"over more ranks")
-    params = shape.params
-    trajectory = expert_storage(1, cfg.experts.epochs, params)
-    time = iteration_time(shape, ranks, device,
-                          load_profiles() if profiles is None else profiles)
-    return RunEstimate(
-        shape=shape, device=device, ranks=ranks, memory=mem, device_memory=device_memory,
-        suggested_group=suggested,
-        experts_storage=expert_storage(cfg.experts.num_experts, cfg.experts.epochs, params),
-        host_cache=min(TrajectoryCache.SIZE, cfg.experts.num_experts) * trajectory,
-        comm=communication(shape, ranks), flops=iteration_flops(shape, ranks), time=time,
-        iterations=cfg.distill.iterations, warnings=tuple(warnings))
-
-
-def summary_line(e: RunEstimate) -> str:
-    """One line: peak per rank (and the fit), storage, communication, time or FLOPs."""
-    s = e.shape
-    fit = ""
-    if e.fits is not None:
-        fit = (f" of {fmt_bytes(e.device_memory)}" +
-               ("" if e.fits else f", DOES NOT FIT (try --distill.bn_group {e.suggested_group})"
-                if e.suggested_group else ", DOES NOT FIT"))
-    speed = (f"~{e.time.seconds:.3g} s/iteration (measured profile)" if e.time is not None
-             else f"{fmt_flops(e.flops[1])}/iteration per rank")
-    comm = (f", {fmt_bytes(e.comm['sent_per_rank_bytes'])} sent per rank and iteration"
-            if e.ranks > 1 else "")
-    path = "compiled" if s.compiled else "eager"
-    return (f"estimate ({e.device}, {path} path, {e.ranks} rank(s), |b| {s.batch}, g {s.group}, "
-            f"N {s.steps}): "
-            f"matching step peak {fmt_bytes(e.peak)} per rank{fit}; expert trajectories "
-            f"{fmt_bytes(e.experts_storage)}{comm}; {speed}")
-
-
-def log_summary(cfg, *, ranks: int, device: str) -> None:
-    """Log the one-line summary (and warnings) at the start of ``selmatch run`` / ``distill``;
-    an estimate that cannot be made is a warning, never fatal."""
-    try:
-        e = estimate_run(cfg, ranks=ranks, device=device,
-                         device_memory=device_memory_here(device))
-    except (ValueError, RuntimeError, FileNotFoundError, NotImplementedError) as err:
-        log.warning("estimate unavailable: %s", err)
-        return
-    log.info("%s", summary_line(e))
-    for w in e.warnings:
-        log.warning("estimate: %s", w)

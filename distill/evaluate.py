@@ -15,7 +15,7 @@ Decisions:
 * Every random choice derives from the seed and a position (STYLE.md §8): run k of
   :func:`evaluate_images` trains with a seed derived from (seed, k); inside
   :func:`train_network` the initialisation, the shuffle of each epoch and the augmentation of
-  each step draw from separate generators (tags below). Nothing reads the clock. On CPU the same
+  each step draw from separate generators (distill/rng.py). Nothing reads the clock. On CPU the same
   seed gives bitwise identical networks; on CUDA the convolution backward may differ in the last
   bits between runs.
 * A trailing minibatch of a single sample is merged into the previous one, so BatchNorm in train
@@ -38,9 +38,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from distill.augment import AUGMENTS, build_augment, make_generator
+from distill.augment import AUGMENTS, build_augment
+from distill.checks import check_int, int_problem
 from distill.data import Dataset
-from distill.models import build_model
+from distill.models import build_model, eval_outputs
+from distill.rng import (
+    EVAL_AUGMENT,
+    EVAL_INIT,
+    EVAL_RADIUS,
+    EVAL_RUN,
+    EVAL_SHUFFLE,
+    derived_seed,
+    seeded,
+)
 from distill.runtime import cpu_threads
 
 __all__ = [
@@ -48,9 +58,6 @@ __all__ = [
     "evaluate_config", "evaluate_images", "nn_radius", "run_correct", "summarize", "train_network",
 ]  # fmt: skip
 
-# Stream tags: keep the generators of different purposes apart for the same seed and position.
-_INIT, _SHUFFLE, _AUGMENT, _RUN, _RADIUS = 21, 22, 23, 24, 25
-_RADIUS_SEED = 0  # the radius subset is a property of the dataset, not of the run seed
 _CHUNK = 1024  # rows per cdist block: 1024 × 50k distances are 200 MB in float32
 
 
@@ -70,8 +77,8 @@ def eval_epochs(ratio: float, *, full_epochs: int = 200, budget: float = 0.25) -
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         problems.append(f"ratio (synthetic / real training images) must be in (0, 1], "
                         f"got {ratio!r}")
-    if isinstance(full_epochs, bool) or not isinstance(full_epochs, int) or full_epochs < 1:
-        problems.append(f"full_epochs must be an integer >= 1, got {full_epochs!r}")
+    if problem := int_problem("full_epochs", full_epochs):
+        problems.append(problem)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         problems.append(f"budget must be > 0, got {budget!r}")
     if problems:
@@ -82,11 +89,6 @@ def eval_epochs(ratio: float, *, full_epochs: int = 200, budget: float = 0.25) -
 # --------------------------------------------------------------------------------------------
 # Training one network
 # --------------------------------------------------------------------------------------------
-
-
-def _derived_seed(*position: int) -> int:
-    """An integer seed drawn from the generator of `position` (for torch.manual_seed etc.)."""
-    return int(torch.randint(0, 2**62, (1,), generator=make_generator(*position)))
 
 
 def _check_training_inputs(images: Tensor, labels: Tensor, num_classes: int, epochs: int,
@@ -102,9 +104,8 @@ def _check_training_inputs(images: Tensor, labels: Tensor, num_classes: int, epo
     elif labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
         problems.append(f"labels must be in 0..{num_classes - 1}, got "
                         f"{int(labels.min())}..{int(labels.max())}")
-    for key, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"{key} must be an integer >= 1, got {value!r}")
+    problems += [p for p in (int_problem("epochs", epochs), int_problem("batch_size", batch_size))
+                 if p]
     if augment not in AUGMENTS:
         problems.append(f"unknown augment {augment!r}; valid: {', '.join(sorted(AUGMENTS))}")
     if is_distilled is not None and tuple(is_distilled.shape) != (images.shape[0],):
@@ -128,8 +129,7 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 
 def _fresh_network(model: str, images: Tensor, num_classes: int, seed: int) -> nn.Module:
     """Default-width network, initialised on CPU from a seed-derived value (device independent)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_derived_seed(seed, _INIT))
+    with seeded(EVAL_INIT.generator(seed)):
         return build_model(model, in_channels=images.shape[1], num_classes=num_classes,
                            image_size=images.shape[2])
 
@@ -158,10 +158,10 @@ def train_network(images: Tensor, labels: Tensor, *, num_classes: int, model: st
     aug = build_augment(augment)
     bar = tqdm(range(epochs), desc=f"train {model}", disable=not progress, leave=False)
     for epoch in bar:
-        order = torch.randperm(n, generator=make_generator(seed, _SHUFFLE, epoch))
+        order = torch.randperm(n, generator=EVAL_SHUFFLE.generator(seed, epoch))
         total = 0.0
         for step, idx in enumerate(_batches(order, batch_size)):
-            gen = make_generator(seed, _AUGMENT, epoch, step)
+            gen = EVAL_AUGMENT.generator(seed, epoch, step)
             xb = aug(x[idx.to(device)], gen, dsa_mask=mask[idx])
             loss = F.cross_entropy(net(xb), y[idx.to(device)])
             opt.zero_grad(set_to_none=True)
@@ -173,13 +173,10 @@ def train_network(images: Tensor, labels: Tensor, *, num_classes: int, model: st
     return net.eval()
 
 
-@torch.no_grad()
 def _predict(net: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
     """Predicted labels (CPU, int64) in eval mode, batched."""
-    net.eval()
-    device = next(net.parameters()).device
-    return torch.cat([net(x[i:i + batch_size].to(device)).argmax(1).cpu()
-                      for i in range(0, len(x), batch_size)])
+    return torch.cat(eval_outputs(net, x, lambda out, _: out.argmax(1).cpu(),
+                                  batch_size=batch_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +239,6 @@ def _last_linear(net: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-@torch.no_grad()
 def _features_and_logits(net: nn.Module, x: Tensor,
                          batch_size: int) -> tuple[Tensor, Tensor]:
     """Inputs of the last nn.Linear (penultimate features) and logits, eval mode, on CPU.
@@ -252,15 +248,10 @@ def _features_and_logits(net: nn.Module, x: Tensor,
     captured: list[Tensor] = []
     hook = _last_linear(net).register_forward_pre_hook(
         lambda module, args: captured.append(args[0].detach().flatten(1).float().cpu()))
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
     try:
-        logits = [net(x[i:i + batch_size].to(device)).float().cpu()
-                  for i in range(0, len(x), batch_size)]
+        logits = eval_outputs(net, x, lambda out, _: out.float().cpu(), batch_size=batch_size)
     finally:
         hook.remove()
-        net.train(was_training)
     return torch.cat(captured), torch.cat(logits)
 
 
@@ -288,8 +279,7 @@ class Reference:
           of them when the set is small enough, else a fixed-seed random subset (dataset order
           may be sorted by class, as for Tiny ImageNet, so "the first k" could miss classes).
         """
-        if isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 2:
-            raise ValueError(f"max_train must be an integer >= 2, got {max_train!r}")
+        check_int("max_train", max_train, 2)
         feature_fn = _FeatureFn(expert_model, batch_size)
         test_features, logits = _features_and_logits(expert_model, ds.x_test, batch_size)
         onehot = F.one_hot(ds.y_test.long(), logits.shape[1]).float()
@@ -299,7 +289,7 @@ class Reference:
         n_train = len(ds.y_train)
         keep = torch.arange(n_train)
         if n_train > max_train:
-            gen = make_generator(_RADIUS_SEED, _RADIUS)
+            gen = EVAL_RADIUS.generator(0)  # a property of the dataset, not of the run seed
             keep = torch.randperm(n_train, generator=gen)[:max_train].sort().values
         radius = nn_radius(feature_fn(ds.x_train[keep]))
         return cls(easy=easy, feature_fn=feature_fn, radius=radius, test_features=test_features)
@@ -367,8 +357,7 @@ def evaluate_images(images: Tensor, labels: Tensor, ds: Dataset, *, model: str, 
                     reference: Reference | None = None, progress: bool = True) -> EvalResult:
     """Train `runs` fresh networks on the images (run k seeded from (seed, k)) and test each on
     ds.x_test / ds.y_test. Every run is reported; none is chosen by its test accuracy."""
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
+    check_int("runs", runs)
     if reference is not None and tuple(reference.easy.shape) != tuple(ds.y_test.shape):
         raise ValueError(f"reference.easy has shape {tuple(reference.easy.shape)}, the test set "
                          f"has {len(ds.y_test)} samples: build the Reference on this dataset")
@@ -399,7 +388,7 @@ def run_correct(images: Tensor, labels: Tensor, ds: Dataset, *, run: int, model:
     net = train_network(images, labels, num_classes=ds.num_classes, model=model, epochs=epochs,
                         lr=lr, momentum=momentum, weight_decay=weight_decay,
                         batch_size=batch_size, augment=augment, is_distilled=is_distilled,
-                        seed=_derived_seed(seed, _RUN, run), device=device, progress=progress)
+                        seed=derived_seed(EVAL_RUN.generator(seed, run)), device=device, progress=progress)
     return _predict(net, ds.x_test) == ds.y_test.cpu()
 
 

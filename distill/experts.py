@@ -23,16 +23,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from distill.augment import DSA, make_generator
+from distill.augment import DSA, training_dsa
 from distill.config import RunConfig
 from distill.data import Dataset
-from distill.models import ParamLayout, build_model
+from distill.models import build_model, eval_outputs
+from distill.params import ParamLayout
+from distill.rng import EXPERT_AUGMENT, EXPERT_INIT, EXPERT_SHUFFLE, seeded
 from distill.runtime import cpu_threads
 
 log = logging.getLogger(__name__)
-
-# Stream tags keep the generators of different purposes apart for the same (seed, expert, epoch).
-_INIT, _SHUFFLE, _AUGMENT = 11, 12, 13
 
 
 @dataclass
@@ -68,52 +67,38 @@ class ExpertResult:
                    train_loss=list(state["train_loss"]), seconds=float(state.get("seconds", 0.0)))
 
 
-def build_network(cfg: RunConfig, ds: Dataset, *, name: str | None = None) -> torch.nn.Module:
+def build_network(cfg: RunConfig, ds: Dataset) -> torch.nn.Module:
     """The expert/student network of ``cfg.model`` for dataset ``ds``."""
     c, h, _ = ds.info.image_shape
-    return build_model(name or cfg.model.name, in_channels=c, num_classes=ds.info.num_classes,
+    return build_model(cfg.model.name, in_channels=c, num_classes=ds.info.num_classes,
                        image_size=h, width=cfg.model.width, depth=cfg.model.depth,
                        norm=cfg.model.norm)
 
 
 def _init_model(cfg: RunConfig, ds: Dataset, expert_id: int, device: torch.device) -> torch.nn.Module:
-    seed = int(torch.randint(0, 2**62, (1,), generator=make_generator(cfg.seed, _INIT, expert_id)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(EXPERT_INIT.generator(cfg.seed, expert_id)):
         model = build_network(cfg, ds)
     return model.to(device)
 
 
-@torch.no_grad()
 def evaluate_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                       batch_size: int = 1024) -> float:
     """Top-1 accuracy in eval mode (running BN statistics)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    hits = 0
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device)
-        hits += int((model(xb).argmax(1).cpu() == y[start:start + batch_size]).sum())
-    model.train(was_training)
-    return hits / max(1, len(x))
+    hits = eval_outputs(model, x, lambda out, start: int(
+        (out.argmax(1).cpu() == y[start:start + batch_size]).sum()), batch_size=batch_size)
+    return sum(hits) / max(1, len(x))
 
 
-@torch.no_grad()
 def el2n_scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                 batch_size: int = 1024) -> torch.Tensor:
     """‖softmax(f(x)) − onehot(y)‖₂ per sample, eval mode, no augmentation."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device)
-        yb = y[start:start + batch_size].to(device)
-        prob = model(xb).softmax(1)
-        out.append((prob - F.one_hot(yb, num_classes).to(prob.dtype)).norm(dim=1).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
+
+    def el2n(out: torch.Tensor, start: int) -> torch.Tensor:
+        prob = out.softmax(1)
+        onehot = F.one_hot(y[start:start + batch_size].to(out.device), num_classes)
+        return (prob - onehot.to(prob.dtype)).norm(dim=1).float().cpu()
+
+    return torch.cat(eval_outputs(model, x, el2n, batch_size=batch_size))
 
 
 def train_expert(cfg: RunConfig, ds: Dataset, expert_id: int, *, device: str | torch.device = "cpu",
@@ -128,7 +113,7 @@ def train_expert(cfg: RunConfig, ds: Dataset, expert_id: int, *, device: str | t
         layout = ParamLayout.of(model)
         opt = torch.optim.SGD(model.parameters(), lr=ex.lr, momentum=ex.momentum,
                               weight_decay=ex.weight_decay)
-        dsa = DSA() if ex.augment == "dsa" else None
+        dsa = training_dsa(ex.augment)
         x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
         n = len(y_train)
         trajectory = torch.empty(ex.epochs + 1, layout.numel, dtype=torch.float32)
@@ -156,13 +141,13 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Te
     """One pass over the shuffled training set; records per-sample minibatch correctness."""
     bs = cfg.experts.batch_size
     n = len(y)
-    order = torch.randperm(n, generator=make_generator(cfg.seed, _SHUFFLE, expert_id, epoch))
+    order = torch.randperm(n, generator=EXPERT_SHUFFLE.generator(cfg.seed, expert_id, epoch))
     total, count = 0.0, 0
     for step, start in enumerate(range(0, n, bs)):
         idx = order[start:start + bs]
         xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
         if dsa is not None:
-            gen = make_generator(cfg.seed, _AUGMENT, expert_id, epoch, step)
+            gen = EXPERT_AUGMENT.generator(cfg.seed, expert_id, epoch, step)
             xb, _ = dsa(xb, gen)
         out = model(xb)
         loss = F.cross_entropy(out, yb)

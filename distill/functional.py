@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.models import ConvNet, ParamLayout
+from distill.models import ConvNet
+from distill.params import ParamLayout
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from distill.data_formats import _IMG_EXT, DatasetNotFoundError, Options, _Raw
+from distill.checks import int_problem
+from distill.data_formats import _IMG_EXT, DatasetInfo, DatasetNotFoundError, Options, _Raw
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def check_options(opts: Options) -> None:
     """Raise one ValueError listing every bad option (name, value, what is allowed)."""
     problems = []
     size, channels = opts["image_size"], opts["channels"]
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+    if size is not None and int_problem("image_size", size):
         problems.append(f"image_size must be null or an integer >= 1, got {size!r}")
     if channels not in (1, 3) or isinstance(channels, bool):
         problems.append(f"channels must be 1 or 3, got {channels!r}")
@@ -60,8 +61,8 @@ def check_options(opts: Options) -> None:
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
         problems.append(f"val_fraction must be in (0, 1), got {frac!r}")
     seed = opts["split_seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        problems.append(f"split_seed must be an integer >= 0, got {seed!r}")
+    if problem := int_problem("split_seed", seed, 0):
+        problems.append(problem)
     given = [k for k in ("mean", "std") if opts[k] is not None]
     if len(given) == 1:
         problems.append("mean and std must be given together (or both null: computed)")
@@ -232,8 +233,6 @@ def pixel_stats(x: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[f
 
 def static(opts: Options, root: str | None):
     """(DatasetInfo, per-class train counts) of the folder: its files are its facts."""
-    from distill.data import DatasetInfo
-
     check_options(opts)
     where = locate([root] if root else [])
     raw = read(where, opts)

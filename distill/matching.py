@@ -34,16 +34,14 @@ from typing import Protocol
 
 import torch
 
-from distill.augment import DSA, DSAParams, make_generator
+from distill.augment import DSA, DSAParams
+from distill.rng import MATCH_AUGMENT, MATCH_PLAN
 from distill.runtime import SOLO, Team
 from distill.student import Student
 
 __all__ = ["LOCAL", "Collectives", "LocalCollectives", "MatchPlan", "MatchResult", "StepPlan",
            "Student", "make_plan", "match_replay", "match_unrolled", "rank_groups", "rank_share",
            "theta_pair"]
-
-_PLAN, _AUG = 31, 32  # generator stream tags
-
 
 class Collectives(Protocol):
     rank: int
@@ -143,7 +141,7 @@ def make_plan(n_images: int, *, batch: int, steps: int, group: int, image_size: 
         raise ValueError(f"batch {batch} exceeds the synthetic set size {n_images}")
     if batch % group:
         raise ValueError(f"BN group {group} must divide the batch {batch}")
-    gen = make_generator(seed, _PLAN, iteration)
+    gen = MATCH_PLAN.generator(seed, iteration)
     needed = steps * batch
     perms = [torch.randperm(n_images, generator=gen) for _ in range(-(-needed // n_images))]
     stream = torch.cat(perms)[:needed]
@@ -151,7 +149,7 @@ def make_plan(n_images: int, *, batch: int, steps: int, group: int, image_size: 
     for k in range(steps):
         aug = None
         if dsa is not None:
-            aug = dsa.sample(batch, image_size, make_generator(seed, _AUG, iteration, k))
+            aug = dsa.sample(batch, image_size, MATCH_AUGMENT.generator(seed, iteration, k))
         plan.append(StepPlan(stream[k * batch:(k + 1) * batch], aug))
     return MatchPlan(tuple(plan), group)
 

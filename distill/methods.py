@@ -40,13 +40,15 @@ class Method:
     augment: str              # the paper's rule for this row: dsa or combined
     made_by: str              # selection or distill
     table3: tuple[bool, bool, bool] | None = None  # (select init, partial update, combined)
+    init: str | None = None   # a selection row's select.init (its β: distill/baselines.py)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("random", "Random selection", "random", "dsa", "selection"),
-    Method("topk", "Top-k hardest ({score})", "topk", "dsa", "selection"),
-    Method("window", "Oracle window (best β)", "window", "dsa", "selection"),
-    Method("init", "SelMatch init alone (window at β, α = 0)", "init", "dsa", "selection"),
+    Method("random", "Random selection", "random", "dsa", "selection", init="random"),
+    Method("topk", "Top-k hardest ({score})", "topk", "dsa", "selection", init="topk"),
+    Method("window", "Oracle window (best β)", "window", "dsa", "selection", init="window"),
+    Method("init", "SelMatch init alone (window at β, α = 0)", "init", "dsa", "selection",
+           init="window"),
     Method("mtt", "MTT (random init, full update)", "mtt", "dsa", "distill", (False, False, False)),
     Method("init_full", "Select init + full update (α = 1)", "init_full", "dsa", "distill",
            (True, False, False)),
@@ -56,6 +58,20 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            (True, True, True)),
     Method("merge", "Merge (ablation: D_distill matched alone)", "merge", "combined", "distill"),
 )}
+
+SYNSETS = tuple(dict.fromkeys(m.synset for m in METHODS.values()))
+"""Every synthetic set a row evaluates (``synset/<name>.pt``; a distillation's starting point is
+``<name>_init``)."""
+
+# how the config of each distilled set differs from the run's: (select fields, distill fields)
+_DISTILLED: dict[str, tuple[dict, dict]] = {
+    "selmatch": (dict(init="window"), dict(mode="joint")),
+    "mtt": (dict(init="random", beta=0.0), dict(alpha=1.0, mode="joint")),
+    "init_full": (dict(init="window"), dict(alpha=1.0, mode="joint")),
+    "merge": (dict(init="window"), dict(mode="merge")),
+}
+DISTILLED = tuple(_DISTILLED)
+"""The sets made by distillation (the others are selections)."""
 
 PAPER_METHODS = ("random", "topk", "window", "init", "mtt", "init_full", "selmatch_dsa", "selmatch")
 """What ``selmatch run`` computes by default: Table 1's selection baselines and MTT, Table 3's
@@ -89,15 +105,9 @@ def distill_config(cfg: RunConfig, synset: str) -> RunConfig:
     init_full is the window at the configured β + α = 1; merge is SelMatch matched on D_distill
     alone; selmatch is the config itself with a window init and the joint loss."""
     sel, dis = cfg.select, cfg.distill
-    variants = {
-        "selmatch": (dict(init="window"), dict(mode="joint")),
-        "mtt": (dict(init="random", beta=0.0), dict(alpha=1.0, mode="joint")),
-        "init_full": (dict(init="window"), dict(alpha=1.0, mode="joint")),
-        "merge": (dict(init="window"), dict(mode="merge")),
-    }
-    if synset not in variants:
+    if synset not in _DISTILLED:
         raise ValueError(f"{synset!r} is not made by distillation; distilled sets: "
-                         f"{', '.join(variants)}")
-    s, d = variants[synset]
+                         f"{', '.join(DISTILLED)}")
+    s, d = _DISTILLED[synset]
     return dataclasses.replace(cfg, select=dataclasses.replace(sel, **s),
                                distill=dataclasses.replace(dis, **d))

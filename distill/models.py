@@ -1,16 +1,10 @@
-"""Networks and functional-parameter helpers for trajectory matching.
+"""Networks: a registry of what the pipeline trains, and their batched inference.
 
-Two jobs live here:
-
-* A registry (`MODELS`, `build_model`) of the networks the pipeline trains: the ConvNet that
-  MTT/SelMatch use as expert and student, and the ResNet/VGG evaluation networks. A deeper
-  ConvNet is `depth=4`, not a new name (STYLE.md §2).
-* Helpers that treat a network's parameters as one flat vector (`ParamLayout`,
-  `functional_forward`). Expert trajectories are stored as flat vectors θ_0…θ_E, the student
-  takes N SGD steps on a flat vector, and the replay (DESIGN.md §2) differentiates a step
-  θ_{k+1} = θ_k − lr·g_k with respect to θ_k, the images and lr. That needs a forward pass
-  with *given* parameters that stays differentiable twice, which `torch.func.functional_call`
-  provides without mutating or copying the module.
+A registry (`MODELS`, `build_model`) of the networks the pipeline trains: the ConvNet that
+MTT/SelMatch use as expert and student, and the ResNet/VGG evaluation networks. A deeper ConvNet
+is `depth=4`, not a new name (STYLE.md §2). `eval_outputs` is the one batched eval-mode forward
+loop (accuracy, EL2N, predictions, features). A network's parameters as one flat vector
+(`ParamLayout`, `functional_forward`) live in distill/params.py.
 
 Models never wrap themselves in DataParallel and never touch the RNG state beyond PyTorch's
 default initialisation, so `torch.manual_seed(s)` before `build_model` fixes the weights.
@@ -18,18 +12,19 @@ default initialisation, so `torch.manual_seed(s)` before `build_model` fixes the
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.checks import int_problem
+
 __all__ = [
-    "MODELS", "NORMS", "ConvNet", "ParamLayout", "ResNet", "VGG", "build_model",
-    "count_parameters", "functional_forward", "make_norm", "max_convnet_depth", "model_names",
+    "MODELS", "NORMS", "ConvNet", "ResNet", "VGG", "build_model", "eval_outputs", "make_norm",
+    "max_convnet_depth", "model_names",
 ]  # fmt: skip
 
 NORMS = ("batch", "instance", "group", "none")
@@ -351,8 +346,8 @@ def build_model(
         ("in_channels", in_channels), ("num_classes", num_classes),
         ("image_size", image_size), ("width", width),
     ):  # fmt: skip
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"{key} must be a positive integer, got {value!r}")
+        if problem := int_problem(key, value):
+            problems.append(problem)
     if problems:
         raise ValueError("; ".join(problems))
     return MODELS[name](
@@ -361,110 +356,17 @@ def build_model(
     )  # fmt: skip
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of scalars in the model's parameters (buffers excluded), i.e. ParamLayout.numel."""
-    return sum(p.numel() for p in model.parameters())
-
-
-# --------------------------------------------------------------------------------------------
-# Flat parameter vectors
-
-
-@dataclass(frozen=True)
-class ParamLayout:
-    """Where each parameter lives in a flat vector: names and shapes in `named_parameters()` order.
-
-    Trajectories, the student's θ and the replay's λ are all flat vectors; the layout is the one
-    place that maps them back to named tensors. Buffers (BN running stats) are not part of it:
-    they are not optimised and in train mode they do not affect the output.
-    """
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    numels: tuple[int, ...] = field(init=False, repr=False, compare=False)
-    offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
-    numel: int = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        names = tuple(str(n) for n in self.names)
-        shapes = tuple(tuple(int(d) for d in s) for s in self.shapes)
-        if len(names) != len(shapes):
-            raise ValueError(f"ParamLayout has {len(names)} names but {len(shapes)} shapes")
-        if len(set(names)) != len(names):
-            raise ValueError("ParamLayout names must be unique")
-        numels = tuple(math.prod(s) for s in shapes)
-        offsets = tuple(sum(numels[:i]) for i in range(len(numels)))
-        for key, value in (("names", names), ("shapes", shapes), ("numels", numels),
-                           ("offsets", offsets), ("numel", sum(numels))):  # fmt: skip
-            object.__setattr__(self, key, value)
-
-    @classmethod
-    def of(cls, module: nn.Module) -> ParamLayout:
-        """Layout of a module's parameters (not buffers)."""
-        named = list(module.named_parameters())
-        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
-
-    def flatten(self, params: Mapping[str, Tensor] | nn.Module) -> Tensor:
-        """Concatenate the named tensors into one 1-D tensor; differentiable (cat of reshapes).
-
-        Extra entries in a mapping (e.g. buffers of a state_dict) are ignored; missing names or
-        wrong shapes raise, so a trajectory can never be silently mis-assembled.
-        """
-        if isinstance(params, nn.Module):
-            params = dict(params.named_parameters())
-        missing = [n for n in self.names if n not in params]
-        if missing:
-            raise KeyError(f"parameters missing from the mapping: {missing}")
-        for name, shape in zip(self.names, self.shapes):
-            if tuple(params[name].shape) != shape:
-                raise ValueError(
-                    f"parameter {name!r} has shape {tuple(params[name].shape)}, expected {shape}"
-                )
-        return torch.cat([params[n].reshape(-1) for n in self.names])
-
-    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Named views into `flat` (no copy), so gradients flow back to the flat vector."""
-        if flat.dim() != 1 or flat.numel() != self.numel:
-            raise ValueError(
-                f"expected a 1-D tensor of {self.numel} elements, got shape {tuple(flat.shape)}"
-            )
-        return {
-            name: flat.narrow(0, offset, size).view(shape)
-            for name, shape, offset, size in zip(self.names, self.shapes, self.offsets, self.numels)
-        }
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable form, stored next to expert trajectories."""
-        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes]}
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> ParamLayout:
-        """Inverse of `to_dict`."""
-        return cls(tuple(data["names"]), tuple(tuple(s) for s in data["shapes"]))
-
-
-def functional_forward(
-    model: nn.Module,
-    params: Tensor | Mapping[str, Tensor],
-    x: Tensor,
-    layout: ParamLayout | None = None,
-    *,
-    buffers: Mapping[str, Tensor] | None = None,
-) -> Tensor:
-    """Run `model` on `x` with the given parameters instead of its own.
-
-    `params` is a flat vector (split with `layout`, or `ParamLayout.of(model)` when None; pass a
-    layout in hot loops to skip rebuilding it) or a name → tensor mapping covering every
-    parameter. The result is differentiable twice with respect to the parameters and `x`
-    (create_graph=True through a parameter gradient), which the matching step needs.
-
-    Buffers come from the module unless `buffers` is given. In train mode BatchNorm normalises
-    with batch statistics and *updates the running stats in place* in whichever buffers are used;
-    the output does not depend on them. Pass cloned buffers to leave the module untouched.
-    Strict matching: a missing or unknown name raises instead of falling back to the module's own
-    parameters.
-    """
-    if isinstance(params, Tensor):
-        params = (ParamLayout.of(model) if layout is None else layout).unflatten(params)
-    bufs = dict(model.named_buffers()) if buffers is None else dict(buffers)
-    return torch.func.functional_call(model, (dict(params), bufs), (x,), strict=True)
+@torch.no_grad()
+def eval_outputs(net: nn.Module, x: Tensor, fn: Callable[[Tensor, int], Any], *,
+                 batch_size: int = 1024) -> list:
+    """``fn(outputs, start)`` for every ``batch_size`` rows of ``x`` (``start``: the first row's
+    index), the network in eval mode (running BN statistics) on its own device; its mode is
+    restored afterwards."""
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    try:
+        return [fn(net(x[start:start + batch_size].to(device)), start)
+                for start in range(0, len(x), batch_size)]
+    finally:
+        net.train(was_training)

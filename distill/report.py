@@ -14,7 +14,8 @@ import io as _io
 import statistics
 
 from distill import storage
-from distill.config import RunConfig, repetitions
+from distill.config import RunConfig
+from distill.config_io import repetitions
 from distill.methods import METHODS, chosen
 
 _SCORE_NAME = {"forgetting": "forgetting", "el2n": "EL2N", "cscore": "C-score"}

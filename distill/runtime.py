@@ -46,8 +46,15 @@ def launched_world_size() -> int:
     return 1
 
 
+def device_for(gpus: float | None = None) -> str:
+    """Where a job that asks for ``gpus`` GPUs (None: any there are) runs, decided in the
+    process that runs it (a Ray worker may have a GPU its driver lacks): "cuda" when it asks for
+    one and CUDA is here, else "cpu"."""
+    return "cuda" if (gpus is None or gpus > 0) and torch.cuda.is_available() else "cpu"
+
+
 @contextlib.contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
+def cpu_threads(n: float) -> Iterator[None]:
     """Run with ``n`` intra-op CPU threads, restoring the count afterwards.
 
     CPU reductions split work by thread, so the last bits of a result depend on the count; every

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill.augment import make_generator
+from distill.rng import RANDOM_SELECTION
 from distill.scores import Scores
 
 _EPS = 1e-9  # floor(0.7 * 500) must be 350, not 349 (0.7 * 500 = 349.99999999999994)
@@ -70,6 +70,12 @@ def class_order(scores: Scores, labels: np.ndarray, num_classes: int) -> list[np
 
 def window_start(n_c: int, beta: float) -> int:
     return _floor(beta * n_c)
+
+
+def window_fits(beta: float, ipc: int, n_c: int) -> bool:
+    """β + IPC/n_c ≤ 1 (within 1e-9): the rule a configured window start obeys (DESIGN.md §2),
+    checked by the config validation and by both β searches' grids."""
+    return beta + ipc / n_c <= 1 + _EPS
 
 
 def window(order_c: np.ndarray, ipc: int, beta: float, *, cls: int = 0) -> np.ndarray:
@@ -122,7 +128,7 @@ def select_random(labels: np.ndarray, num_classes: int, ipc: int, alpha: float,
         idx = np.flatnonzero(labels == c)
         if ipc > len(idx):
             raise ValueError(f"select.ipc {ipc} exceeds the {len(idx)} samples of class {c}")
-        perm = torch.randperm(len(idx), generator=make_generator(seed, 21, c)).numpy()
+        perm = torch.randperm(len(idx), generator=RANDOM_SELECTION.generator(seed, c)).numpy()
         parts.append(np.sort(idx[perm[:ipc]]))
     return _assemble(parts, ipc, alpha, "random", None)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io as _io
 import json
-import os
 import uuid
 from typing import Any
 
@@ -35,19 +34,6 @@ def join(base: str, *parts: str) -> str:
 def exists(url: str) -> bool:
     fs, path = _fs(url)
     return fs.exists(path)
-
-
-def makedirs(url: str) -> None:
-    fs, path = _fs(url)
-    fs.makedirs(path, exist_ok=True)
-
-
-def listdir(url: str) -> list[str]:
-    """Base names under a directory URL ([] when it does not exist)."""
-    fs, path = _fs(url)
-    if not fs.exists(path):
-        return []
-    return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
 class RunDirError(ValueError):

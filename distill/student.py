@@ -41,7 +41,7 @@ from torch import Tensor
 
 from distill.augment import DSA, DSAParams
 from distill.functional import FunctionalConvNet, functional_convnet
-from distill.models import ParamLayout, functional_forward
+from distill.params import ParamLayout, functional_forward
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,8 @@ import math
 import torch
 
 from distill import storage
+from distill.methods import SYNSETS
 from distill.selection import Selection
-
-METHODS = ("selmatch", "mtt", "merge", "init_full", "window", "random", "topk", "init")
 
 
 class SyntheticSet:
@@ -80,8 +79,8 @@ class SyntheticSet:
     def save(self, run_dir: str, method: str, *, meta: dict | None = None,
              denormalize=None) -> str:
         """Write ``synset/<method>.pt`` and ``synset/<method>.png`` (atomically)."""
-        if method.removesuffix("_init") not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)} "
+        if method.removesuffix("_init") not in SYNSETS:
+            raise ValueError(f"unknown method {method!r}; valid: {', '.join(SYNSETS)} "
                              f"(or <method>_init for a starting point)")
         url = storage.join(run_dir, "synset", f"{method}.pt")
         storage.torch_save(url, self.state(method, meta))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import subprocess
+from collections import OrderedDict
 from functools import lru_cache
 
 import torch
@@ -30,11 +31,6 @@ from distill.freshness import digest, stamp
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-
-
-def expert_config_hash(cfg: RunConfig) -> str:
-    """Hash of everything that changes an expert's numbers (not how many experts, nor resources)."""
-    return stamp(cfg, "expert")
 
 
 @lru_cache(maxsize=1)
@@ -54,7 +50,9 @@ class ExpertStore:
     def __init__(self, cfg: RunConfig, run_dir: str | None = None):
         self.cfg = cfg
         self.dir = storage.join(run_dir or cfg.run_dir, "experts")
-        self.hash = expert_config_hash(cfg)
+        # the freshness stamp of one expert (everything that changes its numbers, not how many
+        # experts nor resources), stored as the manifest's "config_hash"
+        self.hash = stamp(cfg, "expert")
 
     # -- manifest ----------------------------------------------------------------------------
 
@@ -186,3 +184,22 @@ class ExpertStore:
 
     def trajectory(self, expert_id: int) -> torch.Tensor:
         return self.load(expert_id).trajectory
+
+
+class TrajectoryCache:
+    """Expert trajectories loaded on demand, the most recent ``size`` kept in memory."""
+
+    SIZE = 8  # default; distill/preflight.py reports the host memory it takes
+
+    def __init__(self, store: ExpertStore, size: int = SIZE):
+        self.store, self.size = store, size
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __call__(self, expert_id: int) -> torch.Tensor:
+        if expert_id in self._cache:
+            self._cache.move_to_end(expert_id)
+        else:
+            self._cache[expert_id] = self.store.trajectory(expert_id)
+            if len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return self._cache[expert_id]

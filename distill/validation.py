@@ -10,15 +10,22 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from distill.config import ConfigError, RunConfig, batch_syn
+from distill import data as data_mod
+from distill.augment import AUGMENTS, TRAINING_AUGMENTS
+from distill import models as models_mod
+from distill.batching import resolve_config
+from distill.config import ConfigError, RunConfig
 from distill.imagefolder import MalformedFolderError
+from distill.methods import METHODS
+from distill.scores import SCORE_KINDS
+from distill.selection import INITS as SELECT_INITS
+from distill.selection import window_fits
+from distill.student import PRECISIONS, compile_choice
 
-EXPERT_AUGMENTS = ("dsa", "none")
-DISTILL_AUGMENTS = ("dsa", "none")
 DISTILL_MODES = ("joint", "merge")
-EVAL_AUGMENTS = ("combined", "dsa", "simple", "none")
 
 
 def _choice(problems: list[str], path: str, value: Any, allowed: tuple[str, ...] | list[str]) -> bool:
@@ -48,30 +55,79 @@ def _non_finite(cfg: Any, prefix: str = "") -> list[str]:
     return problems
 
 
-def _range(problems: list[str], path: str, value: float | None, lo: float | None = None,
-           hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return  # None = default; non-finite values are reported once by _non_finite
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
-        hi is not None and (value >= hi if hi_open else value > hi))
-    if bad:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
+@dataclass(frozen=True)
+class Interval:
+    """Where a numeric field's value may lie; None = unbounded on that side."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def problem(self, path: str, value: float | None) -> str | None:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return None  # None = default; non-finite values are reported once by _non_finite
+        lo, hi = self.lo, self.hi
+        bad = (lo is not None and (value <= lo if self.lo_open else value < lo)) or (
+            hi is not None and (value >= hi if self.hi_open else value > hi))
+        if not bad:
+            return None
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
         lo_s = "-inf" if lo is None else f"{lo:g}"
         hi_s = "inf" if hi is None else f"{hi:g}"
-        problems.append(f"{path} must be in {left}{lo_s}, {hi_s}{right}, got {value:g}")
+        return f"{path} must be in {left}{lo_s}, {hi_s}{right}, got {value:g}"
+
+
+_COUNT, _NON_NEGATIVE, _POSITIVE = Interval(1), Interval(0), Interval(0, lo_open=True)
+_MOMENTUM, _SHARE, _PROBABILITY = Interval(0, 1, hi_open=True), Interval(0, 1, lo_open=True), \
+    Interval(0, 1)
+
+RANGES: dict[str, Interval] = {
+    "seed": _NON_NEGATIVE,
+    "data.train_per_class": _COUNT,
+    "model.width": _COUNT, "model.depth": _COUNT,
+    "experts.num_experts": _COUNT, "experts.epochs": _COUNT, "experts.lr": _POSITIVE,
+    "experts.momentum": _MOMENTUM, "experts.weight_decay": _NON_NEGATIVE,
+    "experts.batch_size": _COUNT, "experts.num_cpus": _NON_NEGATIVE,
+    "experts.num_gpus": _NON_NEGATIVE,
+    "select.ipc": _COUNT, "select.beta": Interval(0, 1, hi_open=True),
+    "distill.alpha": _PROBABILITY, "distill.iterations": _NON_NEGATIVE,
+    "distill.syn_steps": _COUNT, "distill.expert_epochs": _COUNT,
+    "distill.max_start_epoch": _COUNT, "distill.batch_syn": _COUNT, "distill.bn_group": _COUNT,
+    "distill.lr_images": _POSITIVE, "distill.lr_lr": _NON_NEGATIVE,
+    "distill.syn_lr_init": _POSITIVE, "distill.momentum": _MOMENTUM,
+    "distill.checkpoint_every": _COUNT, "distill.log_every": _COUNT,
+    "distill.check_every": _COUNT, "distill.num_threads": _COUNT,
+    "distill.max_image_ratio": Interval(1, lo_open=True),
+    "distill.max_loss_ratio": Interval(1, lo_open=True),
+    "distill.groups_per_call": _COUNT, "distill.group_ranks": _COUNT,
+    "eval.runs": _COUNT, "eval.epochs": _COUNT, "eval.lr": _POSITIVE, "eval.momentum": _MOMENTUM,
+    "eval.weight_decay": _NON_NEGATIVE, "eval.batch_size": _COUNT,
+    "eval.num_cpus": _NON_NEGATIVE, "eval.num_gpus": _NON_NEGATIVE,
+    "tune.beta_step": _SHARE, "tune.alpha_step": _SHARE, "tune.beta_epoch_fraction": _SHARE,
+    "tune.alpha_iterations": _COUNT, "tune.alpha_fraction": _SHARE,
+    "tune.alpha_epoch_fraction": _SHARE, "tune.val_fraction": Interval(0, 0.5, lo_open=True),
+    "tune.eval_runs": _COUNT, "tune.beta_bound": _PROBABILITY, "tune.alpha_bound": _PROBABILITY,
+    "tune.beta_start": _PROBABILITY, "tune.alpha_start": _PROBABILITY,
+    "tune.max_concurrent": _COUNT, "tune.num_cpus": _NON_NEGATIVE,
+    "tune.num_gpus": _NON_NEGATIVE,
+}
+"""The interval of every numeric field with a fixed one (experts.el2n_epoch's upper end is
+experts.epochs, checked beside the others)."""
+
+
+def _field(cfg: RunConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def validate_config(cfg: RunConfig) -> RunConfig:
     """Check every field and the relations between them; raise one ConfigError listing all."""
-    from distill import data as data_mod
-    from distill import models as models_mod
-    from distill.scores import SCORE_KINDS
-    from distill.selection import INITS as SELECT_INITS
-    from distill.student import PRECISIONS, compile_choice
-
     problems: list[str] = _non_finite(cfg)
-    _range(problems, "seed", cfg.seed, 0)
+    problems += [p for path, interval in RANGES.items()
+                 if (p := interval.problem(path, _field(cfg, path))) is not None]
     if cfg.seeds is not None:
         if not cfg.seeds:
             problems.append("seeds must list at least one seed (or be null for [seed]), got []")
@@ -89,26 +145,16 @@ def validate_config(cfg: RunConfig) -> RunConfig:
             problems.append(f"data.root: {err}")  # only imagefolder reads files here
         except ValueError as err:
             problems.append(f"data.options: {err}")
-    _range(problems, "data.train_per_class", cfg.data.train_per_class, 1)
 
     models = models_mod.model_names()
     _choice(problems, "model.name", cfg.model.name, models)
     _choice(problems, "model.norm", cfg.model.norm, models_mod.NORMS)
-    _range(problems, "model.width", cfg.model.width, 1)
-    _range(problems, "model.depth", cfg.model.depth, 1)
     _choice(problems, "eval.model", cfg.eval.model, models)
 
     ex = cfg.experts
-    _range(problems, "experts.num_experts", ex.num_experts, 1)
-    _range(problems, "experts.epochs", ex.epochs, 1)
-    _range(problems, "experts.lr", ex.lr, 0, lo_open=True)
-    _range(problems, "experts.momentum", ex.momentum, 0, 1, hi_open=True)
-    _range(problems, "experts.weight_decay", ex.weight_decay, 0)
-    _range(problems, "experts.batch_size", ex.batch_size, 1)
-    _choice(problems, "experts.augment", ex.augment, EXPERT_AUGMENTS)
-    _range(problems, "experts.el2n_epoch", ex.el2n_epoch, 1, ex.epochs)
-    _range(problems, "experts.num_cpus", ex.num_cpus, 0)
-    _range(problems, "experts.num_gpus", ex.num_gpus, 0)
+    _choice(problems, "experts.augment", ex.augment, list(TRAINING_AUGMENTS))
+    if problem := Interval(1, ex.epochs).problem("experts.el2n_epoch", ex.el2n_epoch):
+        problems.append(problem)
 
     if _choice(problems, "scores.kind", cfg.scores.kind, list(SCORE_KINDS)):
         if cfg.scores.kind == "cscore" and not cfg.scores.file:
@@ -122,46 +168,25 @@ def validate_config(cfg: RunConfig) -> RunConfig:
 
     sel = cfg.select
     _choice(problems, "select.init", sel.init, SELECT_INITS)
-    _range(problems, "select.ipc", sel.ipc, 1)
-    _range(problems, "select.beta", sel.beta, 0, 1, hi_open=True)
     if info is not None and sel.ipc >= 1:
         n_c = info.min_class_size
         if sel.ipc > n_c:
             problems.append(f"select.ipc ({sel.ipc}) is larger than the smallest class of "
                             f"{info.name} ({n_c} training samples)")
-        elif sel.init == "window" and sel.beta + sel.ipc / n_c > 1 + 1e-9:
+        elif sel.init == "window" and not window_fits(sel.beta, sel.ipc, n_c):
             problems.append(
                 f"select.beta ({sel.beta:g}) + select.ipc / class size ({sel.ipc}/{n_c} = "
                 f"{sel.ipc / n_c:.4g}) must be <= 1 so the window fits in the class; "
                 f"use select.beta <= {1 - sel.ipc / n_c:.4g}")
 
     d = cfg.distill
-    _range(problems, "distill.alpha", d.alpha, 0, 1)
-    _range(problems, "distill.iterations", d.iterations, 0)
-    _range(problems, "distill.syn_steps", d.syn_steps, 1)
-    _range(problems, "distill.expert_epochs", d.expert_epochs, 1)
-    _range(problems, "distill.max_start_epoch", d.max_start_epoch, 1)
-    _range(problems, "distill.batch_syn", d.batch_syn, 1)
-    _range(problems, "distill.bn_group", d.bn_group, 1)
-    _range(problems, "distill.lr_images", d.lr_images, 0, lo_open=True)
-    _range(problems, "distill.lr_lr", d.lr_lr, 0)
-    _range(problems, "distill.syn_lr_init", d.syn_lr_init, 0, lo_open=True)
-    _range(problems, "distill.momentum", d.momentum, 0, 1, hi_open=True)
-    _range(problems, "distill.checkpoint_every", d.checkpoint_every, 1)
-    _range(problems, "distill.log_every", d.log_every, 1)
-    _range(problems, "distill.check_every", d.check_every, 1)
-    _range(problems, "distill.num_threads", d.num_threads, 1)
-    _range(problems, "distill.max_image_ratio", d.max_image_ratio, 1, lo_open=True)
-    _range(problems, "distill.max_loss_ratio", d.max_loss_ratio, 1, lo_open=True)
     _choice(problems, "distill.mode", d.mode, DISTILL_MODES)
-    _choice(problems, "distill.augment", d.augment, DISTILL_AUGMENTS)
+    _choice(problems, "distill.augment", d.augment, list(TRAINING_AUGMENTS))
     try:
         compile_choice(d.compile)
     except ValueError as err:
         problems.append(str(err))
     _choice(problems, "distill.precision", d.precision, PRECISIONS)
-    _range(problems, "distill.groups_per_call", d.groups_per_call, 1)
-    _range(problems, "distill.group_ranks", d.group_ranks, 1)
     if d.max_start_epoch + d.expert_epochs > ex.epochs:
         problems.append(
             f"distill.max_start_epoch + distill.expert_epochs ({d.max_start_epoch} + "
@@ -169,53 +194,20 @@ def validate_config(cfg: RunConfig) -> RunConfig:
             f"epoch t + M must exist in every expert trajectory")
     if info is not None and sel.ipc >= 1:
         total = sel.ipc * info.num_classes
-        b = batch_syn(cfg, info.num_classes)
-        if b > total:
-            problems.append(f"distill.batch_syn ({b}) exceeds the synthetic set size "
+        if d.batch_syn is not None and d.batch_syn > total:
+            problems.append(f"distill.batch_syn ({d.batch_syn}) exceeds the synthetic set size "
                             f"(select.ipc x classes = {total})")
-        g = d.bn_group or b
-        if b >= 1 and g >= 1 and b % g != 0:
-            problems.append(f"distill.bn_group ({g}) must divide distill.batch_syn ({b})")
-        if g >= 1 and d.group_ranks >= 1 and g % d.group_ranks:
-            problems.append(f"distill.group_ranks ({d.group_ranks}) must divide the BN group size "
-                            f"({g}, distill.bn_group or the batch): each rank of a group's team "
-                            f"holds an equal share of its rows")
+        problems += resolve_config(cfg, info.num_classes).problems()  # |b| and g, as distilled
 
     ev = cfg.eval
-    _range(problems, "eval.runs", ev.runs, 1)
-    _range(problems, "eval.num_cpus", ev.num_cpus, 0)
-    _range(problems, "eval.epochs", ev.epochs, 1)
-    _range(problems, "eval.lr", ev.lr, 0, lo_open=True)
-    _range(problems, "eval.momentum", ev.momentum, 0, 1, hi_open=True)
-    _range(problems, "eval.weight_decay", ev.weight_decay, 0)
-    _range(problems, "eval.batch_size", ev.batch_size, 1)
-    _range(problems, "eval.num_cpus", ev.num_cpus, 0)
-    _range(problems, "eval.num_gpus", ev.num_gpus, 0)
     if ev.augment is not None:
-        _choice(problems, "eval.augment", ev.augment, EVAL_AUGMENTS)
+        _choice(problems, "eval.augment", ev.augment, sorted(AUGMENTS))
     if ev.methods is not None:
-        from distill.methods import METHODS
-
         if not ev.methods:
             problems.append("eval.methods must name at least one row (or be null for the "
                             "paper's set), got []")
         for name in ev.methods:
             _choice(problems, "eval.methods", name, list(METHODS))
-
-    t = cfg.tune
-    _range(problems, "tune.beta_step", t.beta_step, 0, 1, lo_open=True)
-    _range(problems, "tune.alpha_step", t.alpha_step, 0, 1, lo_open=True)
-    _range(problems, "tune.beta_epoch_fraction", t.beta_epoch_fraction, 0, 1, lo_open=True)
-    _range(problems, "tune.alpha_iterations", t.alpha_iterations, 1)
-    _range(problems, "tune.alpha_fraction", t.alpha_fraction, 0, 1, lo_open=True)
-    _range(problems, "tune.alpha_epoch_fraction", t.alpha_epoch_fraction, 0, 1, lo_open=True)
-    _range(problems, "tune.val_fraction", t.val_fraction, 0, 0.5, lo_open=True)
-    _range(problems, "tune.eval_runs", t.eval_runs, 1)
-    for name in ("beta_bound", "alpha_bound", "beta_start", "alpha_start"):
-        _range(problems, f"tune.{name}", getattr(t, name), 0, 1)
-    _range(problems, "tune.max_concurrent", t.max_concurrent, 1)
-    _range(problems, "tune.num_cpus", t.num_cpus, 0)
-    _range(problems, "tune.num_gpus", t.num_gpus, 0)
 
     if cfg.metrics.tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append("metrics.tensorboard is true but the tensorboard package is not "

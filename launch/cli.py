@@ -5,9 +5,10 @@
     selmatch data list
 
 Every command that takes ``--config F`` also takes dotted overrides of config fields
-(``--distill.alpha 0.3``, ``--run_dir /tmp/r``). Library code raises; only this module turns
-exceptions into a message on stderr and a non-zero exit status (2 for bad input, 1 otherwise), so
-a Ray Tune trial or a CI job never mistakes a failure for a success.
+(``--distill.alpha 0.3``, ``--run_dir /tmp/r``). Library code raises; the command's exception
+becomes a message on stderr and a non-zero exit status (2 for bad input, 1 for a run that went
+wrong) by the one map of launch/exits.py, which ``python -m tune`` and ``distill/main.py`` share,
+so a Ray Tune trial or a CI job never mistakes a failure for a success.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-from distill.config import ConfigError, RunConfig, load_config
-from distill.runtime import DivergedRanksError
+from distill.config import ConfigError
+from distill.config_io import load_config
+from launch.exits import run_guarded
 
 # name -> (help, "module:function"); the handler is imported only when its command runs, so that
 # `selmatch --help` stays fast and Ray/DeepSpeed are imported only by the commands that use them.
@@ -93,19 +95,15 @@ def _load(target: str) -> Callable[..., int | None]:
     return getattr(importlib.import_module(module), func)
 
 
-def resolve_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
-    return load_config(getattr(args, "config", None), overrides)
-
-
 # --------------------------------------------------------------------------------------------
 # Built-in commands
 # --------------------------------------------------------------------------------------------
 
 
 def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
-    from distill.config import dump_yaml
+    from distill.config_io import dump_yaml
 
-    cfg = resolve_config(args, overrides)
+    cfg = load_config(args.config, overrides)
     sys.stdout.write(dump_yaml(cfg))
     return 0
 
@@ -143,26 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = _load(COMMANDS[args.command][1])
-    try:
-        return int(handler(args, overrides) or 0)
-    except ConfigError as err:
-        print(f"selmatch {args.command}: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"selmatch {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # unreadable/unwritable paths, no network: the message, no traceback
-        print(f"selmatch {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:  # a diverged distillation: the message says what to change
-        print(f"selmatch {args.command}: {err}", file=sys.stderr)
-        return 1
-    except DivergedRanksError as err:  # ranks drifted apart: a bug or a non-deterministic kernel
-        print(f"selmatch {args.command}: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"selmatch {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(f"selmatch {args.command}", lambda: handler(args, overrides))
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ and which ``distill.bn_group`` does. Exit status 0 whether or not it fits: it on
 
 from __future__ import annotations
 
-from distill.estimate import (
+from distill.config_io import load_config
+from distill.estimate import fmt_bytes, fmt_flops, parse_size
+from distill.preflight import (
     HEADROOM,
     RunEstimate,
     device_memory_here,
     estimate_run,
-    fmt_bytes,
-    fmt_flops,
-    parse_size,
     summary_line,
     usable,
 )
@@ -74,9 +73,7 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_estimate(args, overrides: list[str]) -> int:
-    from launch.cli import resolve_config
-
-    cfg = resolve_config(args, overrides)
+    cfg = load_config(args.config, overrides)
     memory = parse_size(args.device_memory) if args.device_memory else \
         device_memory_here(args.device)
     e = estimate_run(cfg, ranks=args.gpus, device=args.device, device_memory=memory)

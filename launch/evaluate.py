@@ -14,9 +14,7 @@ store once; workers return one boolean per test sample.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 from distill.config import RunConfig
 from distill.data import Dataset
 from distill.evaluate import EvalResult, Reference, config_epochs, coverage_of, run_correct, summarize
+from distill.runtime import cpu_threads, device_for
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +43,6 @@ class ImageSet:
         return self.augment or cfg.eval.augment or "combined"
 
 
-@contextlib.contextmanager
-def _threads(n: float) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def num_gpus(cfg: RunConfig) -> float:
     """eval.num_gpus, or 1 when this machine has CUDA and it is None (auto)."""
     if cfg.eval.num_gpus is not None:
@@ -64,9 +53,9 @@ def num_gpus(cfg: RunConfig) -> float:
 def run_task(cfg: RunConfig, ds: Dataset, images: ImageSet, run: int, epochs: int,
              gpus: float) -> torch.Tensor:
     """One evaluation run (in this process or on a Ray worker): the test samples it gets right."""
-    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    device = device_for(gpus)
     ev = cfg.eval
-    with _threads(ev.num_cpus):
+    with cpu_threads(ev.num_cpus):
         return run_correct(images.images, images.labels, ds, run=run, model=ev.model,
                            epochs=epochs, augment=images.augment_in(cfg),
                            is_distilled=images.is_distilled, lr=ev.lr, momentum=ev.momentum,

@@ -20,16 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from distill import storage
-from distill.config import RunConfig, save_config
+from distill.config import RunConfig
+from distill.config_io import load_config, save_config
 from distill.data import Dataset, load_configured
 from distill.experts import train_expert
+from distill.runtime import device_for
 from distill.trajectories import ExpertStore
 
 log = logging.getLogger(__name__)
-
-
-def _device(cfg: RunConfig) -> str:
-    return "cuda" if cfg.experts.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 def chance_level(ds: Dataset) -> float:
@@ -49,7 +47,8 @@ def at_chance(entry: dict) -> bool:
 
 def train_and_save(cfg: RunConfig, ds: Dataset, expert_id: int, progress: bool = False) -> dict:
     """Train one expert and write its file; returns the manifest entry (runs on a worker)."""
-    result = train_expert(cfg, ds, expert_id, device=_device(cfg), progress=progress)
+    result = train_expert(cfg, ds, expert_id, device=device_for(cfg.experts.num_gpus),
+                          progress=progress)
     return {**ExpertStore(cfg).save(result), "chance": round(chance_level(ds), 6)}
 
 
@@ -147,9 +146,7 @@ def _run_on_ray(cfg: RunConfig, ds: Dataset, missing: list[int], store: ExpertSt
 
 
 def cmd_experts(args, overrides: list[str]) -> int:
-    from launch.cli import resolve_config
-
-    cfg = resolve_config(args, overrides)
+    cfg = load_config(args.config, overrides)
     manifest = run_experts(cfg, workers=args.workers, ray_address=args.ray_address)
     accs = [manifest["experts"][str(i)]["test_acc"][-1] for i in range(cfg.experts.num_experts)
             if manifest["experts"][str(i)]["test_acc"]]

@@ -21,10 +21,12 @@ import sys
 
 from distill import storage
 from distill.baselines import baseline_set
-from distill.config import RunConfig, dump_yaml, repetitions, save_config
+from distill.config import RunConfig
+from distill.config_io import dump_yaml, load_config, repetitions, save_config
 from distill.data import load_configured
-from distill.estimate import log_summary
-from distill.methods import METHODS, chosen, synsets_needed
+from distill.preflight import log_summary
+from distill.runtime import device_for
+from distill.methods import DISTILLED, METHODS, chosen, synsets_needed
 from distill.report import write_report
 from distill.scores import load_scores
 from distill.trajectories import ExpertStore
@@ -32,7 +34,6 @@ from launch.experts import at_chance, run_experts
 from launch.scores import ensure_scores, topk_config
 from launch.stages import (
     ReferenceCache,
-    device,
     stage_distill,
     stage_evaluate,
     stage_selection,
@@ -52,7 +53,7 @@ def _notes(cfg: RunConfig, ds, window: dict | None) -> list[str]:
              f"{cfg.distill.alpha:g}, β = {cfg.select.beta:g}, {cfg.distill.iterations} "
              f"distillation iterations per distilled set, {cfg.experts.num_experts} experts × "
              f"{cfg.experts.epochs} epochs (shared by every row and seed), repetition seeds "
-             f"{', '.join(map(str, seeds))}, device {device()}."]
+             f"{', '.join(map(str, seeds))}, device {device_for()}."]
     if window is not None:
         notes.append(f"Oracle window: β = {window['best_beta']:g} from the window search "
                      f"({window.get('augment', '?')} augmentation, validation split).")
@@ -81,7 +82,7 @@ def run_pipeline(cfg: RunConfig, *, workers: int | None = None, ray_address: str
             if METHODS[name].made_by == "selection" and METHODS[name].synset == name:
                 stage_selection(rep, cfg, name, ds, window["best_beta"] if window else None)
         for synset in synsets_needed(cfg):
-            if synset in ("selmatch", "mtt", "init_full", "merge"):
+            if synset in DISTILLED:
                 stage_distill(rep, cfg, synset)
     stage_evaluate([(rep, name) for rep in repetitions(cfg) for name in rows], cfg, ds, reference,
                    workers=workers, ray_address=ray_address)
@@ -94,9 +95,7 @@ def run_pipeline(cfg: RunConfig, *, workers: int | None = None, ray_address: str
 
 def cmd_window(args, overrides: list[str]) -> int:
     """``selmatch window``: the β grid search and the oracle-window set at the best β."""
-    from launch.cli import resolve_config
-
-    cfg = resolve_config(args, overrides)
+    cfg = load_config(args.config, overrides)
     storage.check_writable(cfg.run_dir)
     ds = load_configured(cfg.data)
     scores = load_scores(cfg.run_dir, cfg.scores.kind)  # checked before anything is written
@@ -113,9 +112,7 @@ def cmd_window(args, overrides: list[str]) -> int:
 
 def cmd_evaluate(args, overrides: list[str]) -> int:
     """``selmatch evaluate``: evaluate every chosen row whose set is present in ``synset/``."""
-    from launch.cli import resolve_config
-
-    cfg = resolve_config(args, overrides)
+    cfg = load_config(args.config, overrides)
     names = [m for m in chosen(cfg) if storage.exists(
         storage.join(cfg.run_dir, "synset", f"{METHODS[m].synset}.pt"))]
     if not names:
@@ -132,12 +129,10 @@ def cmd_evaluate(args, overrides: list[str]) -> int:
 
 
 def cmd_run(args, overrides: list[str]) -> int:
-    from launch.cli import resolve_config
-
     if args.seeds:
         overrides = [*overrides, f"--seeds=[{', '.join(map(str, args.seeds))}]"]
-    cfg = resolve_config(args, overrides)
-    log_summary(cfg, ranks=1, device=device())
+    cfg = load_config(args.config, overrides)
+    log_summary(cfg, ranks=1, device=device_for())
     command = "selmatch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(run_pipeline(cfg, workers=args.workers, ray_address=args.ray_address, command=command))
     return 0

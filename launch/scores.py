@@ -18,7 +18,8 @@ import logging
 import numpy as np
 
 from distill import storage
-from distill.config import RunConfig, save_config
+from distill.config import RunConfig
+from distill.config_io import load_config, save_config
 from distill.data import load_configured
 from distill.freshness import is_fresh, stamp
 from distill.scores import SCORE_KINDS, Scores, compute_scores, save_scores
@@ -77,7 +78,5 @@ def topk_config(cfg: RunConfig) -> RunConfig:
 
 
 def cmd_scores(args, overrides: list[str]) -> int:
-    from launch.cli import resolve_config
-
-    run_scores(resolve_config(args, overrides))
+    run_scores(load_config(args.config, overrides))
     return 0

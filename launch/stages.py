@@ -7,25 +7,24 @@ because it should run longer continues from its checkpoint.
 
 Repetitions: ``rep`` is the config of one repetition seed (``seed`` = that seed, ``run_dir`` = its
 directory); ``base`` is the run itself, owner of the experts, the scores
-and the window search, which all repetitions share (distill.config.repetitions).
+and the window search, which all repetitions share (distill.config_io.repetitions).
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
-
 from distill import storage
 from distill.baselines import baseline_set, window_search
 from distill.config import RunConfig
 from distill.data import Dataset
+from distill.distiller import result_stamp, run_distill
 from distill.evaluate import Reference
 from distill.experts import expert_network
 from distill.freshness import is_fresh, stamp
-from distill.main import result_stamp, run_distill
 from distill.methods import METHODS, augment_for, distill_config
 from distill.metrics import log_eval, run_metrics
+from distill.runtime import device_for
 from distill.scores import load_scores, scores_digest
 from distill.synset import load_synset
 from distill.trajectories import ExpertStore
@@ -33,10 +32,6 @@ from launch.evaluate import ImageSet, evaluate_sets
 from launch.scores import topk_config
 
 log = logging.getLogger(__name__)
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _synset_url(run_dir: str, name: str) -> str:
@@ -65,7 +60,8 @@ def stage_window(base: RunConfig, ds: Dataset) -> dict:
     if storage.exists(url) and is_fresh(storage.read_json(url).get("stamp"), want):
         log.info("window search: present and fresh, skipped")
         return storage.read_json(url)
-    result = window_search(base, ds, load_scores(base.run_dir, base.scores.kind), device=device())
+    result = window_search(base, ds, load_scores(base.run_dir, base.scores.kind),
+                           device=device_for())
     result["stamp"] = want
     storage.write_json(url, result)
     log.info("window search: best beta %.3g (validation accuracy %s)", result["best_beta"],
@@ -127,7 +123,7 @@ class ReferenceCache:
         if self._ref is None:
             store = ExpertStore(self.base)
             expert = store.load(store.require(deep=False)[0])
-            net = expert_network(self.base, self.ds, expert, device=device())
+            net = expert_network(self.base, self.ds, expert, device=device_for())
             self._ref = Reference.from_expert(net, self.ds)
         return self._ref
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from distill.augment import (AUGMENTS, DSA, FAMILIES, DSAConfig, DSAParams, build_augment,
-                             combined_augment, make_generator, simple_augment, translate)
+                             combined_augment, simple_augment, translate)
+from distill.rng import make_generator
 
 
 def _images(b=8, c=3, h=16, w=16, seed=0, dtype=torch.float32):
@@ -70,16 +71,6 @@ def test_family_choice_uniform_and_deterministic():
     counts = Counter(first)
     assert set(counts) == set(FAMILIES)
     assert all(120 <= n <= 280 for n in counts.values()), counts
-
-
-def test_make_generator_reproducible_and_distinct():
-    a = torch.rand(4, generator=make_generator(1, 2, 3))
-    assert torch.equal(a, torch.rand(4, generator=make_generator(1, 2, 3)))
-    assert not torch.equal(a, torch.rand(4, generator=make_generator(1, 2, 4)))
-    assert not torch.equal(torch.rand(4, generator=make_generator(12, 3)),
-                           torch.rand(4, generator=make_generator(1, 23)))
-    with pytest.raises(ValueError):
-        make_generator(-1)
 
 
 def test_flip_prob_one_is_torch_flip():
@@ -276,3 +267,12 @@ def test_crop_padding_is_4_px_at_32_and_64_and_smaller_for_8x8_digits():
                  for dy in range(-1, 2) for dx in range(-1, 2)]
         cands += [c.flip(-1) for c in cands]
         assert any(torch.equal(y[i], c) for c in cands)
+
+
+def test_training_loops_take_dsa_or_nothing():
+    from distill.augment import TRAINING_AUGMENTS, training_dsa
+
+    assert isinstance(training_dsa("dsa"), DSA) and training_dsa("none") is None
+    assert set(TRAINING_AUGMENTS) == {"dsa", "none"} and set(AUGMENTS) >= set(TRAINING_AUGMENTS)
+    with pytest.raises(ValueError, match="unknown training augmentation 'simple'; valid: dsa, none"):
+        training_dsa("simple")

@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import yaml
 
 from distill import storage
+from distill.config import ConfigError
+from distill.runtime import DivergedRanksError
 from launch.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +93,7 @@ def test_import_scores_command(tmp_path, capsys):
 
 
 def test_window_and_evaluate_commands(tmp_path, capsys):
-    from distill.config import dump_yaml
+    from distill.config_io import dump_yaml
     from tiny import prepare, tiny_config
 
     cfg = prepare(tiny_config(tmp_path, eval={"model": "convnet", "runs": 1, "epochs": 2,
@@ -116,10 +119,72 @@ def test_diverged_distillation_exits_1_with_message(tmp_path, capsys, monkeypatc
         raise DivergenceError(f"matching loss or gradient is not finite at iteration {iteration}")
 
     monkeypatch.setattr(Distiller, "step", diverge)
-    from distill.config import dump_yaml
+    from distill.config_io import dump_yaml
     from tiny import prepare, tiny_config
 
     path = tmp_path / "cfg.yaml"
     path.write_text(dump_yaml(prepare(tiny_config(tmp_path))))
     assert main(["distill", "--config", str(path)]) == 1
     assert "not finite at iteration 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# One exit-code map (launch/exits.py) for selmatch, python -m tune and distill/main.py
+# --------------------------------------------------------------------------------------------
+
+EXITS = [
+    (lambda: ConfigError(["distill.alpha must be in [0, 1], got 2"]), 2,
+     "invalid configuration (1 problem(s)):\n  - distill.alpha must be in [0, 1], got 2"),
+    (lambda: FileNotFoundError("no experts in R/experts"), 2, "error: no experts in R/experts"),
+    (lambda: ValueError("R/experts/expert_0000.pt: checksum mismatch"), 2,
+     "error: R/experts/expert_0000.pt: checksum mismatch"),
+    (lambda: PermissionError("denied"), 2, "error: PermissionError: denied"),
+    (lambda: FloatingPointError("diverged at iteration 3"), 1, "diverged at iteration 3"),
+    (lambda: DivergedRanksError("rank 1: images differ"), 1, "rank 1: images differ"),
+    (lambda: RuntimeError("the beta search stopped early"), 1,
+     "error: the beta search stopped early"),
+    (lambda: KeyboardInterrupt(), 130, "interrupted"),
+]
+
+
+def _entry_points():
+    import distill.main as distill_main
+    import tune.main as tune_main
+
+    return [("selmatch tune", lambda: main(["tune", "--config", QUICK, "--no-ray"])),
+            ("tune", lambda: tune_main.main(["--config", QUICK, "--no-ray"])),
+            ("selmatch distill", lambda: main(["distill", "--config", QUICK])),
+            ("distill", lambda: distill_main.main(["--config", QUICK, "--cpu"]))]
+
+
+@pytest.mark.parametrize("make,status,message", EXITS,
+                         ids=[type(make()).__name__ for make, _, _ in EXITS])
+def test_every_entry_point_maps_an_exception_the_same_way(make, status, message, monkeypatch,
+                                                          capsys):
+    """Issue 13: a RuntimeError exited 1 with a message under ``python -m tune`` and escaped as
+    a traceback under ``selmatch tune``; distill/main.py had a third map. One map now."""
+    import distill.main as distill_main
+    import tune.main as tune_main
+
+    def fail(*args, **kwargs):
+        raise make()
+
+    monkeypatch.setattr(tune_main, "run_tune", fail)
+    monkeypatch.setattr(distill_main, "run_distill", fail)
+    for prog, call in _entry_points():
+        assert call() == status, prog
+        assert f"{prog}: {message}" in capsys.readouterr().err, prog
+
+
+def test_an_unmapped_exception_keeps_its_traceback(monkeypatch):
+    import distill.main as distill_main
+    import tune.main as tune_main
+
+    def fail(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(tune_main, "run_tune", fail)
+    monkeypatch.setattr(distill_main, "run_distill", fail)
+    for prog, call in _entry_points():
+        with pytest.raises(TypeError, match="a bug"):
+            call()

@@ -11,8 +11,7 @@ import torch
 from distill import storage
 from distill.config import syn_lr_init
 from distill.data import load_configured
-from distill.distiller import DivergenceError, Distiller
-from distill.main import initial_set, run_distill
+from distill.distiller import DivergenceError, Distiller, initial_set, run_distill
 from distill.matching import make_plan, match_unrolled
 from distill.scores import load_scores
 from distill.selection import select_window
@@ -169,6 +168,31 @@ def test_merge_distills_the_easy_part_alone(prepared, tmp_path):
     frozen = ~state["is_distilled"]
     assert torch.equal(state["images"][frozen], window.images()[frozen])
     assert not torch.equal(state["images"][~frozen], window.images()[~frozen])
+
+
+def test_merge_with_default_batch_and_group_runs(prepared, tmp_path, capsys, monkeypatch):
+    """Issue 13's bug: ``selmatch distill --distill.mode merge --distill.batch_syn null
+    --distill.bn_group null`` passed validation, then the Distiller refused g = the whole set
+    (40) for a batch capped at the 20 images matched. Both are 20 now, and it runs."""
+    from distill.config_io import dump_yaml
+    from launch.cli import main
+
+    cfg = fresh(prepared, tmp_path, distill={"mode": "merge", "batch_syn": None,
+                                             "bn_group": None, "iterations": 2})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_yaml(cfg))
+    seen = []
+    real_init = Distiller.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append((self.batch, self.group))
+
+    monkeypatch.setattr(Distiller, "__init__", init)
+    assert main(["distill", "--config", str(path)]) == 0, capsys.readouterr().err
+    assert seen == [(20, 20)]  # floor(0.5 * 4) = 2 learnable images per class, 10 classes
+    _, state = load_synset(cfg.run_dir, "merge")
+    assert int(state["is_distilled"].sum()) == 20
 
 
 def test_distill_without_experts_says_what_to_run(tmp_path):

@@ -17,9 +17,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from distill import estimate as est
-from distill.config import load_config
+from distill.config_io import load_config
 from distill.matching import Student, make_plan, match_replay
-from distill.models import ParamLayout, build_model
+from distill.models import build_model
+from distill.params import ParamLayout
+from distill.preflight import estimate_run
 from distill.profiles import Profile, group_step_seconds, iteration_time, load_profiles
 from launch.cli import main
 
@@ -189,7 +191,7 @@ def test_every_shipped_config_estimates(path, capsys):
     out = capsys.readouterr().out
     assert "matching step peak" in out and "expert trajectories" in out and "fits" in out
     cfg = load_config(path)
-    e = est.estimate_run(cfg, device_memory=80 * est.GIB)
+    e = estimate_run(cfg, device_memory=80 * est.GIB)
     assert e.experts_storage == est.expert_storage(cfg.experts.num_experts, cfg.experts.epochs,
                                                    e.shape.params)
 
@@ -206,11 +208,11 @@ def test_cli_warns_and_suggests_a_group(capsys):
 
 
 def test_distill_logs_the_summary(tmp_path, caplog):
-    from distill.main import run_distill
+    from distill.distiller import run_distill
     from tiny import prepare, tiny_config
 
     cfg = prepare(tiny_config(tmp_path, distill={"iterations": 1}))
-    with caplog.at_level(logging.INFO, logger="distill.estimate"):
+    with caplog.at_level(logging.INFO, logger="distill.preflight"):
         run_distill(cfg, progress=False)
     assert any("estimate (cpu, eager path, 1 rank(s), |b| 8, g 8, N 3): matching step peak" in r.message
                for r in caplog.records)

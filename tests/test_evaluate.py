@@ -246,6 +246,8 @@ def test_evaluate_images_result_fields_and_determinism(synthetic):
     again = evaluate_images(synthetic.x_train, synthetic.y_train, synthetic, **kw)
     assert result.accuracies == again.accuracies
     assert len(result.accuracies) == 2 and all(0 <= a <= 1 for a in result.accuracies)
+    n = len(synthetic.y_test)  # each accuracy is a count of test samples
+    assert all(abs(a * n - round(a * n)) < 1e-4 for a in result.accuracies)
     assert result.mean == pytest.approx(sum(result.accuracies) / 2)
     assert result.std == pytest.approx(abs(result.accuracies[0] - result.accuracies[1]) / 2)
     assert result.easy_acc is None and result.hard_acc is None and result.coverage is None

@@ -7,8 +7,9 @@ import torch
 
 from distill.data import load_configured
 from distill.evaluate import Reference, evaluate_config
+from distill.runtime import cpu_threads
 from distill.synset import load_synset
-from launch.evaluate import ImageSet, _threads, evaluate_sets, num_gpus
+from launch.evaluate import ImageSet, evaluate_sets, num_gpus
 from launch.stages import ReferenceCache, stage_selection
 
 
@@ -46,7 +47,7 @@ def test_in_process_matches_the_sequential_library_function(prepared):
     cfg, ds, sets = prepared
     reference = None
     got = evaluate_sets(cfg, ds, {"window": sets["window"]}, workers=0, progress=False)["window"]
-    with _threads(cfg.eval.num_cpus):
+    with cpu_threads(cfg.eval.num_cpus):
         want = evaluate_config(sets["window"].images, sets["window"].labels, ds, cfg.eval,
                                is_distilled=sets["window"].is_distilled, seed=cfg.seed,
                                reference=reference, progress=False)
@@ -68,3 +69,14 @@ def test_bad_workers_and_gpu_default(prepared, monkeypatch):
         evaluate_sets(cfg, ds, sets, workers=-1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert num_gpus(cfg) == 1.0  # eval.num_gpus None: one GPU per run where there is CUDA
+
+
+def test_one_rule_for_where_a_job_runs(monkeypatch):
+    """distill.runtime.device_for replaced the device helpers of launch/stages.py,
+    launch/experts.py, launch/evaluate.py and tune/trials.py."""
+    from distill.runtime import device_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [device_for(), device_for(0), device_for(1)] == ["cpu", "cpu", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [device_for(), device_for(0), device_for(0.5)] == ["cuda", "cpu", "cuda"]

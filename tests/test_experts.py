@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill import storage
-from distill.config import from_dict
+from distill.config_io import from_dict
 from distill.experts import forgetting_counts
 from distill.scores import (
     compute_scores,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.config import from_dict
+from distill.config_io import from_dict
 from distill.experts import build_network, el2n_scores, train_expert
 from distill.scores import from_experts
 from distill.data import load_configured

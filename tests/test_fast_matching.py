@@ -19,7 +19,8 @@ from distill import student as student_mod
 from distill.augment import DSA, DSAConfig, FAMILIES
 from distill.functional import functional_convnet
 from distill.matching import MatchPlan, Student, make_plan, match_replay
-from distill.models import ParamLayout, build_model
+from distill.models import build_model
+from distill.params import ParamLayout
 from distill.student import EagerSteps, FastSteps
 
 DT = torch.float64

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from distill import storage
-from distill.config import ConfigError, from_dict
+from distill.config import ConfigError
+from distill.config_io import from_dict
 from distill.data import DatasetNotFoundError, get_info, load_dataset
 from distill.imagefolder import MalformedFolderError
 

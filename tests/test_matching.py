@@ -15,7 +15,8 @@ from distill.matching import (
     match_unrolled,
     rank_groups,
 )
-from distill.models import ParamLayout, build_model, functional_forward
+from distill.models import build_model
+from distill.params import ParamLayout, functional_forward
 
 DT = torch.float64
 
@@ -90,6 +91,12 @@ def test_groups_change_the_math_but_grouping_is_exact():
     full = match_replay(*problem(group=6))
     grouped = match_replay(*problem(group=3))
     assert rel(grouped.grad_images, full.grad_images) > 1e-3
+    # ... and the replay, one group of 3 after another, computes exactly that function: an
+    # independent unroll normalising each group of 3 on its own (float64)
+    loss, gx, glr = naive_unroll(*problem(group=3))
+    assert abs(float(grouped.loss) - float(loss)) <= 1e-12 * abs(float(loss))
+    assert rel(grouped.grad_images, gx) < 1e-8 and rel(grouped.grad_lr, glr) < 1e-8
+    assert rel(full.grad_images, gx) > 1e-3  # the reference does see the groups
 
 
 def test_images_grad_can_be_skipped():

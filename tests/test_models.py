@@ -10,15 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import gradcheck
 
-from distill.models import (
-    MODELS,
-    NORMS,
-    ParamLayout,
-    build_model,
-    count_parameters,
-    functional_forward,
-    model_names,
-)
+from distill.models import MODELS, NORMS, build_model, model_names
+from distill.params import ParamLayout, count_parameters, functional_forward
 
 NUM_CLASSES = 3
 
@@ -40,8 +33,11 @@ def _images(in_channels: int, image_size: int, batch: int = 2, dtype=torch.float
 
 
 def test_registry_names():
-    assert model_names() == sorted(MODELS)
+    assert model_names() == ["convnet", "resnet18", "resnet34", "resnet50", "vgg11", "vgg16"]
     assert set(model_names()) == {"convnet", "resnet18", "resnet34", "resnet50", "vgg11", "vgg16"}
+    with pytest.raises(ValueError, match="unknown model 'vit'; valid names: convnet, resnet18, "
+                                         "resnet34, resnet50, vgg11, vgg16"):
+        build_model("vit", in_channels=1, num_classes=3, image_size=8)
 
 
 SHAPES = [(1, 8), (3, 32)]
@@ -305,3 +301,18 @@ def test_double_backward_all_inputs_every_norm(norm):
     step, theta, images, lr = _unrolled_step(norm)
     inputs = (theta, images, lr)
     assert gradcheck(step, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+def test_eval_outputs_is_one_batched_eval_mode_pass_that_restores_the_mode():
+    from distill.models import eval_outputs
+
+    net = _build("convnet", 1, 8)
+    net.train()(torch.randn(16, 1, 8, 8))  # running statistics away from their start
+    x = torch.randn(10, 1, 8, 8)
+    with torch.no_grad():
+        whole = net.eval()(x)
+    net.train()
+    parts = eval_outputs(net, x, lambda out, start: (start, out), batch_size=4)
+    assert [start for start, _ in parts] == [0, 4, 8] and net.training
+    assert torch.allclose(torch.cat([out for _, out in parts]), whole, atol=1e-6)
+    assert not torch.allclose(net(x), whole)  # train mode (batch statistics) differs

@@ -66,6 +66,21 @@ def test_each_row_is_evaluated_with_the_papers_augmentation(run):
     assert "| dsa |" in report and "| combined |" in report
 
 
+def test_accuracies_count_test_samples_and_beat_chance(run):
+    """Every run's accuracy is a count of the 359 digits test samples it gets right, and every
+    row beats always guessing the largest class by a margin (an evaluation on the wrong labels,
+    split or mode lands at chance; "0 <= mean <= 1" could not tell)."""
+    from distill.data import load_configured
+
+    cfg, _, results = run
+    y = load_configured(cfg.data).y_test
+    n, chance = len(y), float(torch.bincount(y).max()) / len(y)
+    for name, r in results["methods"].items():
+        for acc in (a for rec in r["per_seed"] for a in rec["accuracies"]):
+            assert abs(acc * n - round(acc * n)) < 1e-3, (name, acc)
+        assert r["mean"] > chance + 0.05, (name, r["mean"], chance)
+
+
 def test_topk_row_uses_forgetting_and_is_labelled_with_it(run):
     cfg, _, results = run
     topk = results["methods"]["topk"]

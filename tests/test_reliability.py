@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from distill import storage
-from distill.config import ConfigError, RunConfig, dump_yaml, from_dict, to_dict
-from distill.distiller import DivergenceError, Distiller
-from distill.main import run_distill
+from distill.config import ConfigError, RunConfig, to_dict
+from distill.config_io import dump_yaml, from_dict
+from distill.distiller import DivergenceError, Distiller, run_distill
 from distill.synset import load_synset
 from distill.trajectories import ExpertStore
 from launch.cli import main

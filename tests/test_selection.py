@@ -104,3 +104,19 @@ def test_make_selection_dispatch_and_errors():
     sel = make_selection("window", scores=s, labels=labels, num_classes=3, ipc=5, beta=0.5,
                          alpha=0.4, seed=0)
     assert sel.method == "window" and int(sel.is_distilled.sum()) == 6
+
+
+def test_the_row_table_is_the_one_list_of_rows_and_sets():
+    """distill/methods.py names every row, every synthetic set and how each is made; synset.py,
+    the pipeline and the selection baselines read it instead of keeping lists of their own."""
+    from distill.config import RunConfig
+    from distill.methods import DISTILLED, METHODS, SYNSETS, distill_config
+    from distill.selection import INITS
+
+    assert set(SYNSETS) == {m.synset for m in METHODS.values()}
+    assert set(DISTILLED) == {m.synset for m in METHODS.values() if m.made_by == "distill"}
+    assert all((m.init in INITS) == (m.made_by == "selection") for m in METHODS.values())
+    cfg = RunConfig()
+    assert {s: (distill_config(cfg, s).select.init, distill_config(cfg, s).distill.mode)
+            for s in DISTILLED} == {"selmatch": ("window", "joint"), "mtt": ("random", "joint"),
+                                    "init_full": ("window", "joint"), "merge": ("window", "merge")}

@@ -9,16 +9,13 @@ teams of two, i.e. groups among teams and each group over a team) run in the slo
 
 from __future__ import annotations
 
-import traceback
-from pathlib import Path
-
 import pytest
 import torch
 
 from distill.config import ConfigError
 from distill.matching import LOCAL, MatchPlan, Student, match_replay, rank_share
-from ranks import rank_env, run_ranks
-from test_distributed import cfg_for, distill, match_problem, prepare
+from ranks import cfg_for, launch, match_problem, recipe_vs_one_process, rel, run_distiller
+from tiny import prepare
 
 # (|b| / g, g) of the single matching steps: one group split 2 + 2, two groups split, and
 # groups of 4 split 2 + 2 with DSA
@@ -38,48 +35,32 @@ def whole_groups_problem(groups: int, group: int):
     return student, start, target, images, labels, lr, MatchPlan(plan.steps, group)
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str, run_dir: str,
-               team_size: int) -> None:
-    rank_env(rank, world, port)
-    from distill.runtime import Runtime
-
-    out: dict = {"rank": rank}
-    rt = Runtime.create(cpu=True)
-    try:
-        team = rt.team(team_size)
-        out["team"] = (team.index, team.member, team.count)
-        for groups, group in MATCH:
-            res = match_replay(*split_problem(groups, group, team), comm=rt)
-            out[f"match_{groups}x{group}"] = (res.loss, res.grad_images, res.grad_lr)
-        for group in (4, 16):
-            out[f"distill_g{group}"] = distill(run_dir, torch.float64, comm=rt,
-                                               is_main=rank == 0, bn_group=group,
-                                               group_ranks=team_size)
-        student, theta, _, images, labels, _, plan = split_problem(2, 4, team)  # no idle team
-        share = rank_share(plan, rt.rank, rt.world_size, team_size)
-        before = team.collectives
-        rows, _ = share.rows(plan.steps[0])
-        student.steps.gradient(theta, images[rows], labels[rows], None, group=share.group_rows,
-                               batch=plan.batch)
-        middle = team.collectives
-        student.steps.replay(theta, images[rows], labels[rows], None, torch.ones_like(theta),
-                             group=share.group_rows, batch=plan.batch, images_grad=True)
-        out["collectives"] = (middle - before, team.collectives - middle)
-    except BaseException:
-        out["error"] = traceback.format_exc()
-        raise
-    finally:
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-        rt.close()
+def _split_scenarios(rt, run_dir: str, team_size: int) -> dict:
+    team = rt.team(team_size)
+    out: dict = {"team": (team.index, team.member, team.count)}
+    for groups, group in MATCH:
+        res = match_replay(*split_problem(groups, group, team), comm=rt)
+        out[f"match_{groups}x{group}"] = (res.loss, res.grad_images, res.grad_lr)
+    for group in (4, 16):
+        out[f"distill_g{group}"] = run_distiller(run_dir, torch.float64, comm=rt,
+                                                 is_main=rt.is_main, bn_group=group,
+                                                 group_ranks=team_size)
+    student, theta, _, images, labels, _, plan = split_problem(2, 4, team)  # no idle team
+    share = rank_share(plan, rt.rank, rt.world_size, team_size)
+    before = team.collectives
+    rows, _ = share.rows(plan.steps[0])
+    student.steps.gradient(theta, images[rows], labels[rows], None, group=share.group_rows,
+                           batch=plan.batch)
+    middle = team.collectives
+    student.steps.replay(theta, images[rows], labels[rows], None, torch.ones_like(theta),
+                         group=share.group_rows, batch=plan.batch, images_grad=True)
+    out["collectives"] = (middle - before, team.collectives - middle)
+    return out
 
 
-def launch(out_dir: Path, run_dir: Path, world: int, team_size: int, timeout: float):
-    run_ranks(_rank_main, world=world, args=(str(out_dir), str(run_dir), team_size),
-              timeout=timeout)
-    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r in ranks:
-        assert "error" not in r, r["error"]
-    return ranks
+def launch_teams(out_dir, run_dir, world: int, team_size: int, timeout: float) -> list[dict]:
+    return launch(_split_scenarios, world=world, args=(str(run_dir), team_size), out_dir=out_dir,
+                  timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +68,6 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("split_prepared")
     prepare(cfg_for(root))
     return root
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def check(ranks, prepared):
@@ -103,7 +79,7 @@ def check(ranks, prepared):
             err = max(rel(loss, ref.loss), rel(gx, ref.grad_images), rel(glr, ref.grad_lr))
             assert err <= 1e-10, (groups, group, r["rank"], err)
     for group in (4, 16):
-        one, lr_one = distill(prepared, torch.float64, bn_group=group)
+        one, lr_one = run_distiller(prepared, torch.float64, bn_group=group)
         for r in ranks:
             got, lr_got = r[f"distill_g{group}"]
             assert rel(got, one) <= 1e-10, (group, rel(got, one))
@@ -114,7 +90,7 @@ def check(ranks, prepared):
 
 
 def test_one_group_over_two_ranks_equals_one_process(prepared, tmp_path):
-    ranks = launch(tmp_path, prepared, world=2, team_size=2, timeout=300)
+    ranks = launch_teams(tmp_path, prepared, world=2, team_size=2, timeout=300)
     assert [r["team"] for r in ranks] == [(0, 0, 1), (0, 1, 1)]
     check(ranks, prepared)
 
@@ -122,7 +98,7 @@ def test_one_group_over_two_ranks_equals_one_process(prepared, tmp_path):
 @pytest.mark.slow
 def test_two_teams_of_two_ranks_equal_one_process(prepared, tmp_path):
     """Four ranks: groups divided between two teams, each group spread over a team's two."""
-    ranks = launch(tmp_path, prepared, world=4, team_size=2, timeout=900)
+    ranks = launch_teams(tmp_path, prepared, world=4, team_size=2, timeout=900)
     assert [r["team"] for r in ranks] == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
     check(ranks, prepared)
 
@@ -153,36 +129,7 @@ def test_rank_share_positions():
 def test_accelerate_launch_with_split_groups(prepared, tmp_path):
     """``accelerate launch`` with cpu_2proc.yaml and ``--distill.group_ranks 2``: two real ranks,
     each BN group (g = 10) spread over both; the set matches one process up to float32 noise."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    from distill.config import load_config
-    from distill.main import run_distill
-    from distill.synset import load_synset
-    from ranks import free_port
-    from test_distributed import REPO, TINY
-
-    for run in ("one", "two"):
-        for part in ("experts", "scores"):
-            shutil.copytree(prepared / part, tmp_path / run / part)
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--config_file", "launch/accelerate/cpu_2proc.yaml",
-           "--main_process_port", str(free_port()), "distill/main.py",
-           "--config", "configs/quickstart.yaml", "--run_dir", str(tmp_path / "two"), *TINY,
-           "--distill.group_ranks", "2"]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    log, err = recipe_vs_one_process(prepared, tmp_path, "--distill.group_ranks", "2")
     assert "each BN group over 2 ranks" in log, log[-3000:]
-    two, _ = load_synset(str(tmp_path / "two"), "selmatch")
-    cfg = load_config(str(REPO / "configs/quickstart.yaml"), TINY + ["--run_dir", str(tmp_path / "one")])
-    run_distill(cfg, progress=False)
-    one, _ = load_synset(str(tmp_path / "one"), "selmatch")
-    init, _ = load_synset(str(tmp_path / "two"), "selmatch_init")
-    assert rel(two.images(), init.images()) > 1e-4  # the ranks did distill
-    err = rel(two.images(), one.images())
     print(f"\naccelerate launch, group_ranks 2 vs one process (float32, 4 iterations): {err:.2e}")
     assert err < 1e-5

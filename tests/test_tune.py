@@ -11,14 +11,16 @@ import pytest
 import yaml
 
 from distill import storage
-from distill.config import ConfigError, load_config
+from distill.baselines import make_grid, validation_split
+from distill.config import ConfigError
+from distill.config_io import load_config
 from distill.data import load_configured
 from distill.metrics import read_jsonl
 from distill.scores import load_scores
 from tiny import prepare, tiny_config
 from tune.main import TrialLog, _run_local, run_tune, selected_overrides
-from tune.search import HillClimb, make_grid
-from tune.trials import TrialContext, feasible_beta, validation_split
+from tune.search import HillClimb
+from tune.trials import TrialContext, feasible_beta
 
 GRID = make_grid(0.0, 1.0, 0.1)  # 11 values, start 0.5
 
@@ -255,6 +257,25 @@ def test_validation_split_is_stratified_disjoint_seeded_and_shared_with_window(p
     assert not np.array_equal(val, validation_split(ds, 0.1, seed=4)[1])
 
 
+def test_window_search_and_trials_share_the_epoch_rule_and_the_grid(prepared):
+    """One rule each (distill/baselines.py): the window search rounded its short epochs with
+    round() (2.5 -> 2) while the trials rounded half up (-> 3); both round half up now."""
+    import dataclasses
+
+    from distill.baselines import beta_grid, epoch_fraction, search_epochs
+
+    cfg = dataclasses.replace(prepared, eval=dataclasses.replace(prepared.eval, epochs=5),
+                              tune=dataclasses.replace(prepared.tune, beta_epoch_fraction=0.5,
+                                                       alpha_epoch_fraction=0.2))
+    assert search_epochs(cfg, 40, 300) == 3 and search_epochs(cfg, 40, 300, "alpha") == 1
+    default = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, beta_epoch_fraction=None))
+    assert epoch_fraction(default) == 0.1  # App. E: 10% unless CIFAR-10
+    cifar = dataclasses.replace(default, data=dataclasses.replace(default.data, name="cifar10"))
+    assert epoch_fraction(cifar) == 0.2 and epoch_fraction(cifar, "alpha") == 0.2
+    assert beta_grid(0.2, 4, 30) == [0.0, 0.2, 0.4, 0.6, 0.8]  # 0.8 + 4/30 <= 1 < 1.0 + 4/30
+    assert beta_grid(0.25, 10, 30) == [0.0, 0.25, 0.5]  # 0.75 + 1/3 > 1
+
+
 def test_trial_windows_never_contain_validation_images(prepared):
     ds = load_configured(prepared.data)
     ctx = TrialContext(prepared, ds, load_scores(prepared.run_dir, "forgetting"))
@@ -284,6 +305,9 @@ def test_tune_end_to_end_on_digits_with_ray(prepared, ray_local):
         recs = read_jsonl(storage.join(out, kind, "trials.jsonl"))
         assert len(recs) == s["trials"] and all(r["status"] == "ok" for r in recs)
         assert all(0 <= r["metric"] <= 1 and r["epochs"] == 2 for r in recs)  # 20% of 10
+        # one evaluation run per trial: a count of the validation samples it gets right
+        assert all(abs(r["metric"] * r["n_val"] - round(r["metric"] * r["n_val"])) < 1e-4
+                   for r in recs)
         # the augmentation of the row a trial stands for: window (DSA), SelMatch (combined)
         assert {r["augment"] for r in recs} == {"dsa" if kind == "beta" else "combined"}
         assert storage.size(storage.join(out, f"{kind}.png")) > 1000
@@ -327,10 +351,21 @@ def test_tune_config_fields_are_validated():
     assert "tune.beta_bound must be in [0, 1], got 1.5" in text and "tune.eval_runs" in text
 
 
-def test_tune_is_a_cli_command():
-    from launch.cli import COMMANDS, _parser
+def test_tune_is_a_cli_command(monkeypatch):
+    """``selmatch tune`` reaches run_tune with the loaded config (overrides applied), the Ray
+    address and --no-ray; so does ``python -m tune``."""
+    import tune.main as tune_main
+    from launch.cli import _parser, main
 
-    assert COMMANDS["tune"][1] == "tune.main:cmd_tune"
     args, rest = _parser().parse_known_args(["tune", "--config", "f.yaml", "--ray-address",
                                              "auto", "--tune.beta_step", "0.05"])
     assert args.ray_address == "auto" and rest == ["--tune.beta_step", "0.05"]
+    calls = []
+    monkeypatch.setattr(tune_main, "run_tune", lambda cfg, **kw: calls.append((cfg, kw)))
+    quick = "configs/quickstart.yaml"
+    assert main(["tune", "--config", quick, "--ray-address", "auto", "--tune.beta_step",
+                 "0.05"]) == 0
+    assert tune_main.main(["--config", quick, "--no-ray", "--tune.alpha_step", "0.25"]) == 0
+    (cfg, kw), (cfg2, kw2) = calls
+    assert cfg.tune.beta_step == 0.05 and kw == {"ray_address": "auto", "use_ray": True}
+    assert cfg2.tune.alpha_step == 0.25 and kw2 == {"ray_address": None, "use_ray": False}

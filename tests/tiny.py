@@ -6,7 +6,8 @@ the pipeline runs in seconds on 2 CPU cores and still does real work.
 
 from __future__ import annotations
 
-from distill.config import RunConfig, from_dict
+from distill.config import RunConfig
+from distill.config_io import from_dict
 from distill.data import load_configured
 from distill.scores import compute_scores, save_scores
 from launch.experts import run_experts

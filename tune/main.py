@@ -35,20 +35,22 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 
 import yaml
 
 from distill import storage
-from distill.config import ConfigError, RunConfig, load_config, save_config
+from distill.baselines import make_grid
+from distill.config import ConfigError, RunConfig
+from distill.config_io import load_config, save_config
 from distill.data import load_configured
 from distill.methods import augment_for
 from distill.freshness import stamp
 from distill.metrics import JsonlSink, read_jsonl
 from distill.scores import load_scores
-from tune.search import HillClimb, make_grid
+from launch.exits import run_guarded
+from tune.search import HillClimb
 from tune.trials import METRIC, TrialContext, alpha_trial, alpha_trial_iterations, beta_trial
 
 log = logging.getLogger(__name__)
@@ -59,9 +61,10 @@ def tune_dir(cfg: RunConfig) -> str:
     return storage.join(cfg.run_dir, "tune")
 
 
-def settings_hash(cfg: RunConfig, kind: str, beta: float | None = None) -> str:
-    """Freshness stamp (distill/freshness.py) of what a trial's metric depends on; trials
-    recorded under another stamp are redone."""
+def trial_stamp(cfg: RunConfig, kind: str, beta: float | None = None) -> str:
+    """The freshness stamp (distill/freshness.py, stage ``beta_trial``/``alpha_trial``) of what
+    a trial's metric depends on, stored as each record's ``settings``; trials recorded under
+    another stamp are redone."""
     extra = {"split": "baselines.validation_index, pool = the rest",  # bump if the split changes
              "augment": augment_for("window" if kind == "beta" else "selmatch", cfg)}
     if kind == "alpha":
@@ -280,12 +283,12 @@ def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = 
     try:
         climb = beta_climb(cfg, ctx)
         beta_sum = run_search(cfg, "beta", climb, functools.partial(beta_trial, ctx),
-                              settings=settings_hash(cfg, "beta"), use_ray=use_ray)
+                              settings=trial_stamp(cfg, "beta"), use_ray=use_ray)
         beta = beta_sum["best_value"]
         climb = alpha_climb(cfg)
         alpha_sum = run_search(cfg, "alpha", climb,
                                functools.partial(_alpha_fn, ctx=ctx, beta=beta),
-                               settings=settings_hash(cfg, "alpha", beta), use_ray=use_ray,
+                               settings=trial_stamp(cfg, "alpha", beta), use_ray=use_ray,
                                constants={"beta": beta})
     finally:
         if started:
@@ -321,10 +324,8 @@ def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = 
 
 def cmd_tune(args, overrides: list[str]) -> int:
     """``selmatch tune --config F [--ray-address A]``."""
-    from launch.cli import resolve_config
-
-    run_tune(resolve_config(args, overrides), ray_address=getattr(args, "ray_address", None),
-             use_ray=not getattr(args, "no_ray", False))
+    run_tune(load_config(args.config, overrides), ray_address=args.ray_address,
+             use_ray=not args.no_ray)
     return 0
 
 
@@ -337,13 +338,4 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
-    try:
-        run_tune(load_config(args.config, overrides), ray_address=args.ray_address,
-                 use_ray=not args.no_ray)
-    except ConfigError as err:
-        print(f"tune: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"tune: error: {err}", file=sys.stderr)
-        return 2 if not isinstance(err, RuntimeError) else 1
-    return 0
+    return run_guarded("tune", lambda: cmd_tune(args, overrides))  # exits: launch/exits.py

@@ -3,12 +3,13 @@
 SelMatch's accuracy-vs-β and accuracy-vs-α curves are concave (paper Fig. 3, 4a), so instead of
 the whole grid we start in the middle, probe both neighbours, walk towards the better one and stop
 as soon as the metric no longer improves. Across IPCs the optima only decrease, so the optimum found
-at a smaller IPC is an upper bound for the next one (:func:`make_grid` ``bound``).
+at a smaller IPC is an upper bound for the next one (``bound`` of
+:func:`distill.baselines.make_grid`, the grid both searches share).
 
-    climb = HillClimb(make_grid(0.0, 1.0, 0.1))
-    while (value := climb.suggest()) is not None:     # or several at once, up to max_in_flight
-        climb.observe(value, evaluate(value))           # None / NaN = failed trial
-    climb.best()                                        # (value, metric) or None
+    climb = HillClimb(make_grid(0.0, 1.0, 0.1))     # distill.baselines.make_grid
+    while (value := climb.suggest()) is not None:   # or several at once, up to max_in_flight
+        climb.observe(value, evaluate(value))         # None / NaN = failed trial
+    climb.best()                                      # (value, metric) or None
 
 Rules (pinned by tests/test_tune.py):
 
@@ -33,25 +34,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-_DECIMALS = 10  # grid values are rounded so that 3 * 0.1 prints (and compares) as 0.3
+from distill.checks import check_int
+
 MODES = ("max", "min")
-
-
-def make_grid(lo: float, hi: float, step: float, *, bound: float | None = None) -> list[float]:
-    """``lo, lo + step, ...`` up to ``hi`` (inclusive, within float tolerance), then only the
-    values ``<= bound`` when a bound is given (the optimum of an earlier, smaller IPC)."""
-    if not step > 0:
-        raise ValueError(f"grid step must be > 0, got {step!r}")
-    if hi < lo:
-        raise ValueError(f"grid upper end {hi:g} is below its lower end {lo:g}")
-    count = int(math.floor((hi - lo) / step + 1e-9)) + 1
-    grid = [round(lo + k * step, _DECIMALS) for k in range(count)]
-    if bound is not None:
-        grid = [v for v in grid if v <= bound + 1e-9]
-        if not grid:
-            raise ValueError(f"no grid value from {lo:g} in steps of {step:g} is <= the bound "
-                             f"{bound:g}")
-    return grid
 
 
 @dataclass(frozen=True)
@@ -82,8 +67,7 @@ class HillClimb:
             raise ValueError(f"grid values must be strictly increasing, got {list(grid)}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if type(max_in_flight) is not int or max_in_flight < 1:  # noqa: E721 (bool is no int here)
-            raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
+        check_int("max_in_flight", max_in_flight)
         self.grid = [float(v) for v in grid]
         self.mode = mode
         self.max_in_flight = max_in_flight
@@ -143,12 +127,6 @@ class HillClimb:
                           "failed" if failed else "ok", len(self.history))
         self.history.append(obs)
         return obs
-
-    def cancel(self, value: float) -> None:
-        """Forget a pending suggestion that will never be run (it may be suggested again)."""
-        i = self.index(value)
-        if i in self._pending:
-            self._pending.remove(i)
 
     # -- state -------------------------------------------------------------------------------
 

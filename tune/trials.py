@@ -12,9 +12,9 @@ Decisions:
   from the pool only and score the trained network on the validation part, so no trial ever trains
   on an image it is scored on, and every trial is scored on the same images. A random split (not
   "the last 10% in dataset order") because dataset order may carry structure (the synthetic
-  dataset's noise grows with the rank in its class). The validation rows are those of
-  ``selmatch window`` (distill/baselines.py); that search keeps them in its pools and drops each
-  candidate's own images from its score instead.
+  dataset's noise grows with the rank in its class). The split, the β grid and the epoch rule
+  are those of ``selmatch window`` (distill/baselines.py); that search keeps the validation rows
+  in its pools and drops each candidate's own images from its score instead.
 * **β keeps its meaning.** The window is taken in the pool's own difficulty order (the full order
   thinned by a random 10%), so β is the same difficulty quantile as in the final run on the full
   pool; windows cover IPC / (0.9 n_c) instead of IPC / n_c of the class, a small difference.
@@ -46,37 +46,27 @@ import numpy as np
 import torch
 
 from distill import storage
-from distill.baselines import validation_index
+from distill.baselines import (
+    beta_grid,
+    search_epochs,
+    validation_dataset,
+    validation_split,
+)
 from distill.config import RunConfig, syn_lr_init
 from distill.data import Dataset
 from distill.distiller import Distiller
-from distill.evaluate import eval_epochs, evaluate_config
+from distill.evaluate import evaluate_config
 from distill.methods import augment_for
 from distill.metrics import JsonlSink, Metrics
+from distill.runtime import device_for
 from distill.scores import Scores
-from distill.selection import Selection, select_window, window_start
+from distill.selection import Selection, select_window, window_fits, window_start
 from distill.synset import SyntheticSet
 from distill.trajectories import ExpertStore
-from tune.search import make_grid
 
 log = logging.getLogger(__name__)
 
 METRIC = "val_acc"
-
-
-def validation_split(ds: Dataset, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pool, validation): sorted training indices. The validation rows are those of the window
-    search (:func:`distill.baselines.validation_index`: per class round(fraction * n_c), at least
-    one, drawn from (seed, class)), so both stages hold out the same images; the pool is the rest."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"tune.val_fraction must be in (0, 1), got {fraction!r}")
-    val = validation_index(ds, fraction=fraction, seed=seed)
-    counts = np.bincount(ds.y_train.numpy(), minlength=ds.num_classes)
-    left = counts - np.bincount(ds.y_train[val].numpy(), minlength=ds.num_classes)
-    if (left < 1).any():
-        raise ValueError(f"tune.val_fraction {fraction:g} leaves no training sample in class "
-                         f"{int(np.argmin(left))} ({int(counts.min())} samples)")
-    return np.setdiff1d(np.arange(len(ds.y_train)), val), val
 
 
 def pool_window(scores: Scores, labels: np.ndarray, pool: np.ndarray, num_classes: int, ipc: int,
@@ -90,30 +80,10 @@ def pool_window(scores: Scores, labels: np.ndarray, pool: np.ndarray, num_classe
 
 def feasible_beta(beta: float, *, ipc: int, pool_sizes: list[int], min_class_size: int) -> bool:
     """The window fits in every class's pool, and the value is valid for the final config
-    (``select.beta + select.ipc / smallest class <= 1``, as distill.config.validate checks)."""
-    if not 0 <= beta < 1 or beta + ipc / min_class_size > 1 + 1e-9:
+    (``select.beta + select.ipc / smallest class <= 1``, as distill.validation checks)."""
+    if not 0 <= beta < 1 or not window_fits(beta, ipc, min_class_size):
         return False
     return all(window_start(n, beta) + ipc <= n for n in pool_sizes)
-
-
-def epoch_fraction(cfg: RunConfig, kind: str) -> float:
-    """Share of the evaluation epochs a trial trains for (paper: 20% CIFAR-10, 10% otherwise)."""
-    beta = cfg.tune.beta_epoch_fraction
-    if beta is None:
-        beta = 0.2 if cfg.data.name == "cifar10" else 0.1
-    if kind == "alpha" and cfg.tune.alpha_epoch_fraction is not None:
-        return cfg.tune.alpha_epoch_fraction
-    return beta
-
-
-def trial_epochs(cfg: RunConfig, n_images: int, n_train: int, kind: str) -> int:
-    """Epochs of a trial: the fraction of what the final evaluation of n_images would use."""
-    full = cfg.eval.epochs or eval_epochs(min(1.0, n_images / n_train))
-    return max(1, math.floor(full * epoch_fraction(cfg, kind) + 0.5))
-
-
-def _device(cfg: RunConfig) -> str:
-    return "cuda" if cfg.tune.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 class TrialContext:
@@ -125,19 +95,18 @@ class TrialContext:
         labels = ds.y_train.numpy()
         self.labels = labels
         self.pool, self.val = validation_split(ds, cfg.tune.val_fraction, cfg.seed)
-        self.val_ds = dataclasses.replace(ds, x_test=ds.x_train[self.val],
-                                          y_test=ds.y_train[self.val])
+        self.val_ds = validation_dataset(ds, self.val)
         self.pool_sizes = [int((labels[self.pool] == c).sum()) for c in range(ds.num_classes)]
 
     @property
     def device(self) -> str:
         """Decided where the trial runs (a Ray worker may have a GPU that the driver lacks)."""
-        return self._device or _device(self.cfg)
+        return self._device or device_for(self.cfg.tune.num_gpus)
 
     def beta_values(self) -> list[float]:
         """Grid values of β from 0 in steps of tune.beta_step that fit (before any bound)."""
         smallest = int(np.bincount(self.labels, minlength=self.ds.num_classes).min())
-        return [b for b in make_grid(0.0, 1.0, self.cfg.tune.beta_step)
+        return [b for b in beta_grid(self.cfg.tune.beta_step, self.cfg.select.ipc, smallest)
                 if feasible_beta(b, ipc=self.cfg.select.ipc, pool_sizes=self.pool_sizes,
                                  min_class_size=smallest)]
 
@@ -148,7 +117,7 @@ class TrialContext:
     def score(self, images: torch.Tensor, labels: torch.Tensor, is_distilled: torch.Tensor,
               kind: str) -> dict:
         """Train the evaluation network on the images and test it on the validation set."""
-        epochs = trial_epochs(self.cfg, len(images), len(self.ds.y_train), kind)
+        epochs = search_epochs(self.cfg, len(images), len(self.ds.y_train), kind)
         augment = augment_for("window" if kind == "beta" else "selmatch", self.cfg)
         res = evaluate_config(images, labels, self.val_ds, self.cfg.eval,
                               is_distilled=is_distilled, seed=self.cfg.seed, device=self.device,

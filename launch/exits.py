@@ -1,0 +1,68 @@
+"""One map from exceptions to exit statuses and messages, for every entry point.
+
+Library code raises (STYLE.md §9); ``selmatch`` (launch/cli.py), ``python -m tune``
+(tune/main.py) and ``accelerate launch distill/main.py`` each run their work through
+:func:`run_guarded`, so the same failure exits the same way whatever command hit it, and a Ray
+Tune trial or a CI job never mistakes a failure for a success:
+
+| exit | what | exceptions (first match wins) |
+| --- | --- | --- |
+| 2 | bad input: a config field, a path, a file, a value | ConfigError; FileNotFoundError, ValueError, KeyError; any other OSError |
+| 1 | a run that went wrong: it diverged (the last good checkpoint is kept), ranks drifted apart, a search ended without a result | FloatingPointError, DivergedRanksError; any other RuntimeError |
+| 130 | interrupted | KeyboardInterrupt |
+
+Anything else is a bug and keeps its traceback (Python exits 1). With ``selmatch -v`` the
+traceback of a mapped exception is logged too.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from distill.config import ConfigError
+from distill.runtime import DivergedRanksError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    kinds: tuple[type[BaseException], ...]
+    status: int
+    message: str  # formatted with err (the exception) and kind (its class name)
+
+
+EXIT_RULES: tuple[ExitRule, ...] = (
+    ExitRule((ConfigError,), 2, "{err}"),  # one line per bad field, each naming it
+    ExitRule((FloatingPointError, DivergedRanksError), 1, "{err}"),  # says what to change
+    ExitRule((FileNotFoundError, ValueError, KeyError), 2, "error: {err}"),
+    ExitRule((OSError,), 2, "error: {kind}: {err}"),  # unreadable/unwritable paths, no network
+    ExitRule((RuntimeError,), 1, "error: {err}"),
+    ExitRule((KeyboardInterrupt,), 130, "interrupted"),
+)
+
+
+def exit_status(err: BaseException) -> tuple[int, str] | None:
+    """(exit status, message) of ``err`` by :data:`EXIT_RULES`; None for an unmapped one."""
+    for rule in EXIT_RULES:
+        if isinstance(err, rule.kinds):
+            return rule.status, rule.message.format(err=err, kind=type(err).__name__)
+    return None
+
+
+def run_guarded(prog: str, work: Callable[[], int | None]) -> int:
+    """``work()``'s status (None = 0); a mapped exception becomes ``<prog>: <message>`` on stderr
+    and its exit status, anything else propagates with its traceback."""
+    try:
+        return int(work() or 0)
+    except BaseException as err:
+        mapped = exit_status(err)
+        if mapped is None:
+            raise
+        status, message = mapped
+        log.debug("%s failed", prog, exc_info=err)
+        print(f"{prog}: {message}", file=sys.stderr)
+        return status
