@@ -20,7 +20,7 @@ Two implementations compute exactly the same mathematics:
   groups go through one call (``groups_per_call`` caps it). DSA stays outside the compiled region:
   it is linear in the images, so its vector-Jacobian product is cheap, and kornia's warps have no
   forward-mode derivative. Forward over reverse (``jvp`` of ``grad``) computes the same thing;
-  compiled, it took 1.33x the CPU time per call on this project's CPU machine
+  compiled, it took 1.19x the CPU time per call on this project's CPU machine
   (bench/results/fast_path_variants_cpu.md; not yet measured on a GPU), so it is not kept.
 
 A fast path that fails to compile, or whose first result for a new shape disagrees with the
