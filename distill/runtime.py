@@ -18,6 +18,7 @@ ONE process (Accelerate's simple launcher); two CPU ranks come from
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import zlib
@@ -66,6 +67,34 @@ def cpu_threads(n: float) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# Threads a live gloo (or NCCL) process group runs. ``destroy_process_group`` only drops the
+# references torch.distributed holds; the group (and these threads) ends when the last one goes.
+# Importing ``torch._dynamo`` while a group exists makes dynamo hold ~10 more references to it
+# (measured with sys.getrefcount on torch 2.14.1; FlopCounterMode, used by the estimate, and
+# torch.compile both import it), so the group outlived ``destroy_process_group`` and was
+# destructed during interpreter shutdown, where a 2-rank CPU run aborted now and then ("terminate
+# called without an active exception", exit -6; issue 11 item 6). ``Runtime.create`` therefore
+# imports dynamo before the group is created, and ``Runtime.close`` warns if threads remain.
+_COMM_THREADS = ("gloo", "pt_gloo", "pt_nccl", "nccl")
+
+
+def comm_threads() -> list[str]:
+    """Names of this process's threads that belong to a process group (Linux; [] elsewhere)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, tid, "comm")) as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if name.startswith(_COMM_THREADS):
+            names.append(name)
+    return sorted(names)
 
 
 class DivergedRanksError(RuntimeError):
@@ -128,6 +157,7 @@ class Runtime:
             return cls(device=device)
         from accelerate import Accelerator
 
+        importlib.import_module("torch._dynamo")  # before the group exists: _COMM_THREADS
         acc = Accelerator(cpu=cpu)
         if acc.num_processes != launched_world_size():
             raise RuntimeError(f"the launcher started {launched_world_size()} processes but "
@@ -206,19 +236,29 @@ class Runtime:
         while another still has a collective in flight, then each rank destroys its group.
         Not ``ok`` (this rank raised): no barrier, since the other ranks may be anywhere; the
         group is destroyed at once, which makes their pending collectives fail fast instead of
-        waiting for the gloo timeout. Either way the group is destroyed before the interpreter
-        exits: a gloo group left to interpreter shutdown aborts the process ("terminate called
-        without an active exception") when its worker threads outlive Python."""
+        waiting for the gloo timeout. Either way the group is destroyed, and freed, before the
+        interpreter exits: a group left to interpreter shutdown can abort the process ("terminate
+        called without an active exception") when its worker threads outlive Python
+        (``_COMM_THREADS`` says what kept it alive and how that is prevented)."""
         if not (dist.is_available() and dist.is_initialized()):
             return
         try:
             if ok and self.distributed:
                 dist.barrier()
         finally:
+            for team in getattr(self, "_teams", {}).values():
+                team.group = None  # a reference kept anywhere would keep the group alive
+            self._teams = {}
             if self.accelerator is not None:
                 self.accelerator.end_training()  # trackers; destroys the group
             if dist.is_initialized():
                 dist.destroy_process_group()
+            left = comm_threads()
+            if left:
+                log.warning("rank %d: the process group is still referenced after "
+                            "destroy_process_group (threads %s remain); its destructor runs at "
+                            "interpreter exit, which can abort the process", self.rank,
+                            ", ".join(left))
 
     def describe(self) -> str:
         return f"rank {self.rank} of world size {self.world_size} on {self.device}"

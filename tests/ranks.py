@@ -185,6 +185,8 @@ def run_recipe(run_dir: Path, *extra: str, timeout: float = 600.0) -> str:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "terminate called" not in log and "Traceback" not in log, log[-3000:]
+    # no rank's process group outlived Runtime.close (it would be torn down at interpreter exit)
+    assert "still referenced after destroy_process_group" not in log, log[-3000:]
     return log
 
 
