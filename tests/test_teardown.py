@@ -6,8 +6,8 @@ torch.compile) makes dynamo hold references to it, so its gloo threads lived on 
 shutdown, where the group's destructor now and then aborted the process. ``Runtime.create``
 imports dynamo first and ``Runtime.close`` drops the team groups; these tests check, in real
 gloo ranks, that no process-group thread is left once ``close`` returns. Unlike the abort itself
-(about 1 run in 20 on a loaded machine), the leftover threads showed on every run, so the test
-fails deterministically without the fix.
+(3 of 78 runs on a loaded machine, bench/results/teardown_stress.md), the leftover threads showed
+on every run, so the test fails deterministically without either part of the fix.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_no_process_group_thread_outlives_close(tmp_path):
     for r in ranks:
         assert any(n.startswith("pt_gloo") for n in r["before"]), r["before"]  # threads are seen
         assert r["after"] == [], r["after"]
-        # d/dx_r of sum over ranks of (r+1)·x_r, each rank's loss being the team's sum: 2(r+1)
+        # every rank backpropagates the team's sum of (r+1)·x_r: x_r's gradient is 2 (r+1)
         assert torch.equal(r["grad"], torch.full((3,), 2.0 * (r["rank"] + 1)))
 
 
