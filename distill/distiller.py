@@ -26,7 +26,7 @@ from distill.data import Dataset, load_configured
 from distill.experts import build_network
 from distill.freshness import stamp
 from distill.matching import LOCAL, Collectives, make_plan, match_replay, theta_pair
-from distill.metrics import JsonlSink, Metrics, read_jsonl, tensorboard_sinks
+from distill.metrics import JsonlSink, Metrics, tensorboard_sinks
 from distill.preflight import log_summary
 from distill.rng import SEGMENT
 from distill.runtime import Runtime, cpu_threads
@@ -391,9 +391,7 @@ def _distiller(cfg: RunConfig, ds: Dataset, synset: SyntheticSet, rt: Runtime, m
                 raise
             log.info("%s; starting from iteration 0", err)
             return distiller
-        if sinks and storage.exists(metrics_url):  # keep the metrics logged up to the checkpoint
-            sinks[0].records = [r for r in read_jsonl(metrics_url)
-                                if r.get("step", 0) <= distiller.iteration]
+        distiller.metrics.resume_after(distiller.iteration)  # metrics up to the checkpoint
         log.info("resumed from %s at iteration %d", ckpt, distiller.iteration)
     elif resume:
         log.info("no checkpoint at %s; starting from iteration 0", ckpt)

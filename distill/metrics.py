@@ -27,6 +27,7 @@ class Sink(Protocol):
     def write(self, record: dict[str, Any]) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+    def resume_after(self, step: int) -> None: ...
 
 
 class JsonlSink:
@@ -36,6 +37,11 @@ class JsonlSink:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+
+    def resume_after(self, step: int) -> None:
+        """A run resumed from its checkpoint at ``step``: keep the records the file holds up to
+        ``step``; those an earlier session logged after it are dropped (logged again now)."""
+        self.records = [r for r in read_jsonl(self.url) if r.get("step", 0) <= step]
 
     def flush(self) -> None:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
@@ -59,7 +65,23 @@ class TensorBoardSink:
         local = _local_path(url)
         self._tmp = None if local is not None else tempfile.mkdtemp(prefix="selmatch-tb-")
         self.logdir = local if local is not None else self._tmp
-        self.writer = SummaryWriter(self.logdir)
+        self._writer_class = SummaryWriter
+        self._writer = None  # opened by the first record: resume_after must come before it
+        self._purge_step: int | None = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            self._writer = self._writer_class(self.logdir, purge_step=self._purge_step)
+        return self._writer
+
+    def resume_after(self, step: int) -> None:
+        """A run resumed from its checkpoint at ``step``: TensorBoard hides what earlier sessions
+        logged after ``step`` (SummaryWriter's ``purge_step``), so no step shows twice."""
+        if self._writer is not None:
+            raise RuntimeError(f"TensorBoardSink({self.url}): resume_after must be called "
+                               f"before the first record")
+        self._purge_step = step + 1
 
     def write(self, record: dict[str, Any]) -> None:
         step = int(record.get("step", 0))
@@ -69,14 +91,17 @@ class TensorBoardSink:
                 self.writer.add_scalar(key, value, step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self._writer is None:  # nothing logged: no event file
+            return
+        self._writer.flush()
         if self._tmp is not None:
             for name in sorted(os.listdir(self._tmp)):
                 with open(os.path.join(self._tmp, name), "rb") as f:
                     storage.write_bytes(storage.join(self.url, name), f.read())
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
         self.flush()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -126,6 +151,12 @@ class Metrics:
     def flush(self) -> None:
         for sink in self.sinks:
             sink.flush()
+
+    def resume_after(self, step: int) -> None:
+        """Continue the metrics of a run resumed from its checkpoint at ``step`` (each sink drops
+        or hides what an earlier session logged after it); call before logging anything."""
+        for sink in self.sinks:
+            sink.resume_after(step)
 
     def close(self) -> None:
         for sink in self.sinks:

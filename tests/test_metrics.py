@@ -86,6 +86,49 @@ def test_distill_and_evaluate_write_event_files(tmp_path, capsys):
                for r in read_jsonl(f"{tmp_path}/logs/eval.jsonl"))
 
 
+def test_resumed_distillation_shows_each_step_once(tmp_path):
+    """Killed after logging step 5 with the checkpoint at 4, then resumed: the JSONL log and
+    TensorBoard each hold steps 1..6 once, with the values of the resumed session."""
+    import torch
+
+    from distill.distiller import Distiller, run_distill
+    from tiny import prepare, tiny_config
+
+    cfg = prepare(tiny_config(tmp_path, metrics={"tensorboard": True},
+                              distill={"iterations": 6, "checkpoint_every": 2, "log_every": 1}))
+    real_step = Distiller.step
+
+    def killed_in_the_sixth(self, iteration):  # iterations count from 0, steps from 1
+        if iteration == 5:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, iteration)
+
+    Distiller.step = killed_in_the_sixth
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_distill(cfg, progress=False)
+    finally:
+        Distiller.step = real_step
+    assert torch.load(f"{tmp_path}/checkpoints/selmatch.pt", weights_only=False)["iteration"] == 4
+    tb = tmp_path / "tensorboard" / "distill_selmatch"
+    assert [s for s, _ in scalars(tb)["loss"]] == [1, 2, 3, 4, 5]  # step 5 logged, not saved
+    run_distill(cfg, resume=True, progress=False)
+    logged = read_jsonl(f"{tmp_path}/logs/distill_selmatch.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    got = scalars(tb)["loss"]
+    assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in got] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+    assert len(list(tb.iterdir())) == 2  # one event file per session
+
+
+def test_tensorboard_resume_after_must_come_first(tmp_path):
+    sink = TensorBoardSink(str(tmp_path / "tb"))
+    sink.write({"step": 1, "loss": 1.0})
+    with pytest.raises(RuntimeError, match="before the first record"):
+        sink.resume_after(0)
+    sink.close()
+
+
 def test_tensorboard_off_by_default_and_checked_when_on(tmp_path, monkeypatch):
     from tiny import tiny_config
 
