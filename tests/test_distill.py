@@ -17,7 +17,7 @@ from distill.scores import load_scores
 from distill.selection import select_window
 from distill.synset import load_synset
 from distill.trajectories import ExpertStore
-from tiny import prepare, tiny_config
+from tiny import distill_killed_at, prepare, tiny_config
 
 
 def cfg_for(run_dir, **sections):
@@ -107,19 +107,7 @@ def test_resume_is_bitwise(prepared, tmp_path):
     _, want = load_synset(full.run_dir, "selmatch")
 
     part = fresh(prepared, tmp_path / "part", distill={"iterations": 6, "checkpoint_every": 2})
-    real_step = Distiller.step
-
-    def crash_at_5(self, iteration):
-        if iteration == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, iteration)
-
-    Distiller.step = crash_at_5
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_distill(part, progress=False)
-    finally:
-        Distiller.step = real_step
+    distill_killed_at(part, 5)
     assert storage.torch_load(f"{part.run_dir}/checkpoints/selmatch.pt")["iteration"] == 4
     run_distill(part, resume=True, progress=False)
     _, got = load_synset(part.run_dir, "selmatch")

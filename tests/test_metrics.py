@@ -91,24 +91,12 @@ def test_resumed_distillation_shows_each_step_once(tmp_path):
     TensorBoard each hold steps 1..6 once, with the values of the resumed session."""
     import torch
 
-    from distill.distiller import Distiller, run_distill
-    from tiny import prepare, tiny_config
+    from distill.distiller import run_distill
+    from tiny import distill_killed_at, prepare, tiny_config
 
     cfg = prepare(tiny_config(tmp_path, metrics={"tensorboard": True},
                               distill={"iterations": 6, "checkpoint_every": 2, "log_every": 1}))
-    real_step = Distiller.step
-
-    def killed_in_the_sixth(self, iteration):  # iterations count from 0, steps from 1
-        if iteration == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, iteration)
-
-    Distiller.step = killed_in_the_sixth
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_distill(cfg, progress=False)
-    finally:
-        Distiller.step = real_step
+    distill_killed_at(cfg, 5)  # in the 6th iteration
     assert torch.load(f"{tmp_path}/checkpoints/selmatch.pt", weights_only=False)["iteration"] == 4
     tb = tmp_path / "tensorboard" / "distill_selmatch"
     assert [s for s, _ in scalars(tb)["loss"]] == [1, 2, 3, 4, 5]  # step 5 logged, not saved

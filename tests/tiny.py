@@ -36,3 +36,25 @@ def prepare(cfg: RunConfig) -> RunConfig:
     run_experts(cfg, workers=0, progress=False)
     save_scores(cfg.run_dir, compute_scores(cfg, load_configured(cfg.data)))
     return cfg
+
+
+def distill_killed_at(cfg: RunConfig, iteration: int) -> None:
+    """``run_distill(cfg)`` killed (KeyboardInterrupt) as it starts ``iteration`` (counted from
+    0, so the steps logged before are 1..iteration); checks that the kill did happen."""
+    import pytest
+
+    from distill.distiller import Distiller, run_distill
+
+    real_step = Distiller.step
+
+    def killed(self, it):
+        if it == iteration:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, it)
+
+    Distiller.step = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_distill(cfg, progress=False)
+    finally:
+        Distiller.step = real_step
