@@ -178,14 +178,22 @@ class EagerSteps:
         for lo, hi in _slices(len(x), group):
             xb = x[lo:hi].detach().requires_grad_(images_grad)
             loss = self.student.group_loss(th, xb, y[lo:hi], _aug_slice(aug, lo, hi), batch)
-            g = torch.autograd.grad(loss, th, create_graph=True)[0]
-            dot = (g * lam).sum()
-            parts = torch.autograd.grad(dot, [th, xb] if images_grad else [th])
-            h_lam += parts[0]
+            h, gx, dot = _replay_by_double_backward(loss, th, xb, lam, images_grad)
+            h_lam += h
             if images_grad:
-                grad_x[lo:hi] = parts[1]
-            g_dot_lam += dot.detach()
+                grad_x[lo:hi] = gx
+            g_dot_lam += dot
         return h_lam, grad_x, g_dot_lam
+
+
+def _replay_by_double_backward(loss: Tensor, th: Tensor, xb: Tensor, lam: Tensor,
+                               images_grad: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(H·λ, ∂(g·λ)/∂x or None, g·λ) for g = ∇θ ``loss``, by autograd's double backward
+    (the eager reference and the team steps)."""
+    g = torch.autograd.grad(loss, th, create_graph=True)[0]
+    dot = (g * lam).sum()
+    parts = torch.autograd.grad(dot, [th, xb] if images_grad else [th])
+    return parts[0], (parts[1] if images_grad else None), dot.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,10 +402,8 @@ class TeamSteps:
     def replay(self, theta, x, y, aug, lam, *, group, batch, images_grad):
         th = theta.detach().requires_grad_(True)
         xb = x.detach().requires_grad_(images_grad)
-        g = torch.autograd.grad(self._loss(th, xb, y, aug, group, batch), th, create_graph=True)[0]
-        dot = (g * lam).sum()
-        parts = torch.autograd.grad(dot, [th, xb] if images_grad else [th])
-        return parts[0], (parts[1] if images_grad else None), dot.detach()
+        return _replay_by_double_backward(self._loss(th, xb, y, aug, group, batch), th, xb, lam,
+                                          images_grad)
 
 
 # --------------------------------------------------------------------------------------------
