@@ -142,14 +142,16 @@ def summary_line(e: RunEstimate) -> str:
         fit = (f" of {fmt_bytes(e.device_memory)}" +
                ("" if e.fits else f", DOES NOT FIT (try --distill.bn_group {e.suggested_group})"
                 if e.suggested_group else ", DOES NOT FIT"))
-    speed = (f"~{e.time.seconds:.3g} s/iteration (measured profile)" if e.time is not None
-             else f"{fmt_flops(e.flops[1])}/iteration per rank")
+    if e.time is None:
+        speed = f"{fmt_flops(e.flops[1])}/iteration per rank (no measured profile of this path)"
+    else:
+        speed = (f"~{e.time.seconds:.3g} s/iteration ({e.time.distance}; from {e.time.source})")
     comm = (f", {fmt_bytes(e.comm['sent_per_rank_bytes'])} sent per rank and iteration"
             if e.ranks > 1 else "")
     path = "compiled" if s.compiled else "eager"
     return (f"estimate ({e.device}, {path} path, {e.ranks} rank(s), |b| {s.batch}, g {s.group}, "
-            f"N {s.steps}): "
-            f"matching step peak {fmt_bytes(e.peak)} per rank{fit}; expert trajectories "
+            f"N {s.steps}): matching-step tensors {fmt_bytes(e.peak)} per rank (modelled peak "
+            f"of the step's own tensors, not the process's memory){fit}; expert trajectories "
             f"{fmt_bytes(e.experts_storage)}{comm}; {speed}")
 
 

@@ -1,22 +1,35 @@
 """Measured matching-step profiles (``bench/results/matching_*.json``) turned into a time estimate.
 
-bench/matching.py records seconds per iteration for (|b|, g, N) at one network shape and device.
-A rank processes its groups one after another, so an iteration costs about
-N × (groups on the busiest rank) × t(g), where t(g) is the time of one group in one forward step
-plus its replay step. A record gives t(g_rec) = s/iter ÷ (N_rec × G_rec); for another g the estimate
-interpolates linearly between the nearest measured groups, or scales t ∝ g beyond them. Only
-records of the same network shape (width, depth, image size, channels), dtype, augmentation and
-device kind (cpu or cuda) are used; the classes (the last layer only) may differ.
+Two kinds of record share one format: bench/matching.py times the matching call alone for
+(|b|, g, N) on one rank; bench/loop_profile.py times the real distillation loop (``python
+distill/main.py`` on one rank, ``accelerate launch`` on several) and records its ``ranks`` and
+``launcher``. A record is ``{method, device, width, depth, image_size, channels, dtype, dsa,
+batch, group, steps, ranks, s_per_iter}``.
+
+The estimate takes the **nearest** record of the same device kind (cpu or cuda), dtype and path
+(eager replay or compiled: ``method``), in this order of preference:
+
+1. the same network shape (width, depth, image size, channels; the classes, in the last layer
+   only, may differ) and DSA setting;
+2. the same number of ranks (what the launcher runs: communication and processes sharing cores
+   are in a loop record's time and in no model);
+3. the nearest FLOPs per iteration on the busiest rank (counted, distill/estimate.py);
+4. a record of the whole loop over one of the matching call alone;
+
+and scales its time by the FLOPs ratio (busiest rank, this run over the record). The estimate
+says which record it used and how far it is from the run (:attr:`TimeEstimate.distance`), so an
+extrapolation never reads as a measurement.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from distill.estimate import MatchingShape, rank_share
+from distill.estimate import MatchingShape, Network, iteration_flops
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "bench", "results")
@@ -31,9 +44,10 @@ class Profile:
 
 @dataclass(frozen=True)
 class TimeEstimate:
-    seconds: float          # one outer iteration on the busiest rank (communication excluded)
-    group_step: float       # t(g): seconds of one group's forward + replay step
-    source: str             # which file and records
+    seconds: float          # one outer iteration on the busiest rank
+    source: str             # which file and record
+    distance: str           # how the record differs from this run ("same shape and ranks", ...)
+    exact: bool             # the record has this run's shape, |b|, g, N and ranks: no scaling
 
 
 def load_profiles(directory: str | None = None) -> list[Profile]:
@@ -49,51 +63,74 @@ def load_profiles(directory: str | None = None) -> list[Profile]:
     return out
 
 
-def _depth(shape: MatchingShape) -> int | None:
-    return getattr(shape.net.build(), "depth", shape.net.depth)
+def _depth(net: Network) -> int | None:
+    return getattr(net.build(), "depth", net.depth)
 
 
-def _matches(rec: dict, shape: MatchingShape, device: str, method: str, depth: int | None) -> bool:
+def _usable(rec: dict, device: str, method: str) -> bool:
     return (rec.get("status") == "ok" and rec.get("method") == method
             and str(rec.get("device", "")).split(":")[0] == device
-            and rec.get("width") == shape.net.width and rec.get("depth") == depth
-            and rec.get("image_size") == shape.net.image_size
-            and rec.get("channels") == shape.net.in_channels
-            and rec.get("dtype") == "float32" and bool(rec.get("dsa")) == shape.dsa
-            and shape.net.name == "convnet" and shape.net.norm == "batch")
+            and rec.get("dtype") == "float32" and isinstance(rec.get("s_per_iter"), (int, float))
+            and all(isinstance(rec.get(k), int) for k in ("width", "image_size", "channels",
+                                                          "batch", "group", "steps")))
 
 
-def group_step_seconds(points: dict[int, float], group: int) -> float:
-    """t(g) from measured {g: t}: exact, linear between neighbours, else ∝ g from the nearest."""
-    if group in points:
-        return points[group]
-    below = [g for g in points if g < group]
-    above = [g for g in points if g > group]
-    if below and above:
-        lo, hi = max(below), min(above)
-        w = (group - lo) / (hi - lo)
-        return points[lo] * (1 - w) + points[hi] * w
-    nearest = max(below) if below else min(above)
-    return points[nearest] * group / nearest
+def _same_net(rec: dict, shape: MatchingShape, depth: int | None) -> bool:
+    n = shape.net
+    return (rec["width"] == n.width and rec.get("depth") == depth
+            and rec["image_size"] == n.image_size and rec["channels"] == n.in_channels
+            and bool(rec.get("dsa")) == shape.dsa and n.name == "convnet" and n.norm == "batch")
+
+
+def record_shape(rec: dict, like: MatchingShape) -> MatchingShape:
+    """The matching shape a record measured (its network a batch-norm ConvNet)."""
+    net = Network(name="convnet", in_channels=rec["channels"], num_classes=like.net.num_classes,
+                  image_size=rec["image_size"], width=rec["width"], depth=rec.get("depth"),
+                  norm="batch")
+    return replace(like, net=net, batch=rec["batch"], group=rec["group"], steps=rec["steps"],
+                   ranks=int(rec.get("ranks", 1)), group_ranks=1)
+
+
+def _describe(rec: dict) -> str:
+    ranks = int(rec.get("ranks", 1))
+    launcher = rec.get("launcher")
+    return (f"ConvNet w{rec['width']} d{rec.get('depth')} {rec['image_size']}px×{rec['channels']}, "
+            f"|b| {rec['batch']}, g {rec['group']}, N {rec['steps']}, {ranks} rank(s)"
+            + (f" via {launcher}" if launcher else ""))
 
 
 def iteration_time(shape: MatchingShape, ranks: int, device: str, profiles: list[Profile], *,
-                   method: str = "replay") -> TimeEstimate | None:
-    """Seconds per outer iteration from the first profile with records of this shape, or None."""
-    depth = _depth(shape)
+                   method: str | None = None) -> TimeEstimate | None:
+    """Seconds per outer iteration from the nearest record (module docstring), or None when no
+    record of this device kind, dtype and path exists."""
+    method = method or ("fast" if shape.compiled else "replay")
+    depth = _depth(shape.net)
+    mine = iteration_flops(replace(shape, ranks=ranks), ranks)[1]
+    best = None
     for prof in profiles:
-        recs = [r for r in prof.records if _matches(r, shape, device, method, depth)]
-        if not recs:
-            continue
-        samples: dict[int, list[float]] = {}
-        for r in recs:
-            groups = r["batch"] // r["group"]
-            samples.setdefault(r["group"], []).append(r["s_per_iter"] / (r["steps"] * groups))
-        points = {g: sum(v) / len(v) for g, v in samples.items()}
-        t = group_step_seconds(points, shape.group)
-        threads = {r.get("threads") for r in recs} - {None}
-        note = f", {'/'.join(map(str, sorted(threads)))} torch thread(s)" if threads else ""
-        source = (f"{os.path.relpath(prof.path)} ({prof.machine}; {len(recs)} record(s), "
-                  f"g measured {sorted(points)}{note})")
-        return TimeEstimate(shape.steps * rank_share(shape.groups, ranks) * t, t, source)
-    return None
+        for rec in prof.records:
+            if not _usable(rec, device, method):
+                continue
+            rec_ranks = int(rec.get("ranks", 1))
+            theirs = iteration_flops(record_shape(rec, shape), rec_ranks)[1]
+            key = (not _same_net(rec, shape, depth), abs(math.log2(rec_ranks / ranks)),
+                   abs(math.log(mine / theirs)), "launcher" not in rec)  # then: a loop record
+            if best is None or key < best[0]:
+                best = (key, prof, rec, theirs)
+    if best is None:
+        return None
+    (other_net, rank_gap, _, _), prof, rec, theirs = best
+    ratio = mine / theirs
+    same_step = (rec["batch"], rec["group"], rec["steps"]) == (shape.batch, shape.group,
+                                                                 shape.steps)
+    exact = not other_net and not rank_gap and same_step
+    parts = ["same network" if not other_net else "another network shape"]
+    parts.append("same ranks" if not rank_gap else
+                 f"{int(rec.get('ranks', 1))} rank(s) measured vs {ranks} here "
+                 f"(communication and core sharing not scaled)")
+    if not same_step or other_net:
+        parts.append(f"this run's FLOPs per rank {ratio:.3g}× the record's")
+    source = (f"{os.path.relpath(prof.path)} ({prof.machine}; record: {_describe(rec)}; "
+              f"{rec['s_per_iter']:.3g} s/iteration measured)")
+    return TimeEstimate(seconds=rec["s_per_iter"] * ratio, source=source,
+                        distance="exact match" if exact else ", ".join(parts), exact=exact)

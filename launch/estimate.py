@@ -36,9 +36,10 @@ def report(e: RunEstimate) -> str:
     for key, value in e.memory.items():
         lines.append(f"  {key:<{width}}  {fmt_bytes(value):>10}")
     lines.append(f"  {'peak':<{width}}  {fmt_bytes(e.peak):>10}")
-    if e.device == "cpu":
-        lines.append("  (live tensors; the process RSS adds the interpreter and data, and glibc "
-                     "may keep freed memory: bench/results/memory_model_cpu.md)")
+    lines.append("  (the step's own live tensors, modelled; the log's memory column is another "
+                 "quantity: the process's peak RSS on CPU, which adds the interpreter, libraries "
+                 "and data, and glibc may keep freed memory (bench/results/memory_model_cpu.md); "
+                 "PyTorch's peak allocation on CUDA)")
     if e.device_memory is not None:
         verdict = "fits" if e.fits else "DOES NOT FIT"
         lines.append(f"  device memory {fmt_bytes(e.device_memory)}, usable "
@@ -56,11 +57,14 @@ def report(e: RunEstimate) -> str:
     lines.append(f"compute per iteration: {fmt_flops(total)} ({fmt_flops(busiest)} on the "
                  f"busiest rank), counted on the meta device")
     if e.time is not None:
-        lines.append(f"time: ~{e.time.seconds:.3g} s/iteration, ~{_duration(e.time.seconds * e.iterations)}"
-                     f" for {e.iterations:,} iterations, from {e.time.source}")
+        lines.append(f"time: ~{e.time.seconds:.3g} s/iteration, "
+                     f"~{_duration(e.time.seconds * e.iterations)} for {e.iterations:,} "
+                     f"iterations, from the nearest measured record ({e.time.distance}): "
+                     f"{e.time.source}")
     else:
-        lines.append("time: no measured profile of this network shape and device in "
-                     "bench/results/ (python bench/matching.py records one); FLOPs above")
+        lines.append(f"time: no measured profile of this device kind and path in bench/results/ "
+                     f"(python bench/matching.py or bench/loop_profile.py records one); FLOPs "
+                     f"above")
     lines += [f"warning: {w}" for w in e.warnings]
     lines.append(summary_line(e))
     return "\n".join(lines)

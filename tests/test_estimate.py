@@ -3,6 +3,7 @@ check, profiles, every shipped config, and the recorded CPU validation (bench/me
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -22,7 +23,7 @@ from distill.matching import Student, make_plan, match_replay
 from distill.models import build_model
 from distill.params import ParamLayout
 from distill.preflight import estimate_run
-from distill.profiles import Profile, group_step_seconds, iteration_time, load_profiles
+from distill.profiles import Profile, iteration_time, load_profiles
 from launch.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,25 +164,35 @@ def test_parse_size():
             est.parse_size(bad)
 
 
-def test_profile_interpolation(tmp_path):
-    assert group_step_seconds({32: 1.0, 64: 3.0}, 48) == pytest.approx(2.0)
-    assert group_step_seconds({32: 1.0, 64: 3.0}, 128) == pytest.approx(6.0)  # ∝ g beyond
-    assert group_step_seconds({32: 1.0, 64: 3.0}, 16) == pytest.approx(0.5)
+def test_time_comes_from_the_nearest_record_and_says_how_near(tmp_path):
+    """Same network first, then the same ranks, then the nearest FLOPs; the time scales by the
+    FLOPs ratio and the estimate says which record it used and how far it is."""
     s = shape(net=net(width=8, depth=2, size=16, channels=3), batch=64, group=32, steps=10,
               dsa=True)
     rec = {"status": "ok", "method": "replay", "device": "cpu", "width": 8, "depth": 2,
            "image_size": 16, "channels": 3, "dtype": "float32", "dsa": True, "threads": 1}
     doc = {"machine": "test box", "records": [
-        {**rec, "batch": 32, "group": 32, "steps": 5, "s_per_iter": 5.0},    # t(32) = 1.0
-        {**rec, "batch": 128, "group": 64, "steps": 5, "s_per_iter": 30.0},  # t(64) = 3.0
-        {**rec, "width": 16, "batch": 32, "group": 32, "steps": 5, "s_per_iter": 99.0}]}
+        {**rec, "batch": 32, "group": 32, "steps": 5, "s_per_iter": 5.0},
+        {**rec, "batch": 64, "group": 32, "steps": 10, "ranks": 2, "s_per_iter": 7.0,
+         "launcher": "accelerate"},
+        {**rec, "width": 16, "batch": 64, "group": 32, "steps": 10, "s_per_iter": 99.0}]}
     (tmp_path / "matching_test.json").write_text(json.dumps(doc))
     profiles = load_profiles(str(tmp_path))
-    t = iteration_time(s, 1, "cpu", profiles)
-    assert t.seconds == pytest.approx(10 * 2 * 1.0) and "test box" in t.source
-    assert iteration_time(s, 2, "cpu", profiles).seconds == pytest.approx(10 * 1.0)
+    one = iteration_time(s, 1, "cpu", profiles)  # same net and ranks: the first record, scaled
+    flops = est.iteration_flops(s, 1)[1]
+    rec_flops = est.iteration_flops(dataclasses.replace(s, batch=32, steps=5), 1)[1]
+    assert one.seconds == pytest.approx(5.0 * flops / rec_flops) and not one.exact
+    assert "test box" in one.source and "|b| 32, g 32, N 5, 1 rank(s)" in one.source
+    assert "same network" in one.distance and "same ranks" in one.distance
+    assert f"{flops / rec_flops:.3g}× the record's" in one.distance
+    two = iteration_time(s, 2, "cpu", profiles)  # two ranks: the loop record, as measured
+    assert two.seconds == pytest.approx(7.0) and two.exact and two.distance == "exact match"
+    assert "via accelerate" in two.source
+    four = iteration_time(s, 4, "cpu", profiles)  # no 4-rank record: the nearest rank count
+    assert "2 rank(s) measured vs 4 here" in four.distance
+    other = iteration_time(shape(), 1, "cpu", profiles)  # another network: still an estimate
+    assert other is not None and "another network shape" in other.distance
     assert iteration_time(s, 1, "cuda", profiles) is None  # another device kind
-    assert iteration_time(shape(), 1, "cpu", profiles) is None  # another network shape
     assert iteration_time(s, 1, "cpu", [Profile("x", "y", ())]) is None
 
 
@@ -189,7 +200,7 @@ def test_profile_interpolation(tmp_path):
 def test_every_shipped_config_estimates(path, capsys):
     assert main(["estimate", "--config", path, "--device-memory", "80GiB"]) == 0
     out = capsys.readouterr().out
-    assert "matching step peak" in out and "expert trajectories" in out and "fits" in out
+    assert "matching-step tensors" in out and "expert trajectories" in out and "fits" in out
     cfg = load_config(path)
     e = estimate_run(cfg, device_memory=80 * est.GIB)
     assert e.experts_storage == est.expert_storage(cfg.experts.num_experts, cfg.experts.epochs,
@@ -214,7 +225,7 @@ def test_distill_logs_the_summary(tmp_path, caplog):
     cfg = prepare(tiny_config(tmp_path, distill={"iterations": 1}))
     with caplog.at_level(logging.INFO, logger="distill.preflight"):
         run_distill(cfg, progress=False)
-    assert any("estimate (cpu, eager path, 1 rank(s), |b| 8, g 8, N 3): matching step peak" in r.message
+    assert any("estimate (cpu, eager path, 1 rank(s), |b| 8, g 8, N 3): matching-step tensors" in r.message
                for r in caplog.records)
 
 
