@@ -1,9 +1,9 @@
-"""How the α ranking of `selmatch tune` depends on the α-trial budget (issue 12).
+"""How the α ranking of `selmatch tune` depends on the α-trial budget.
 
     python bench/alpha_budget.py --run_dir runs/alpha_budget          # quickstart (digits), CPU
 
 For each α on a grid (β fixed at ``select.beta``) one distillation runs the config's full budget
-(``distill.iterations``) and is scored, exactly like an α trial (tune/trials.py: validation split,
+(``distill.iterations``) and is scored, exactly like an α trial (distill/search.py: validation split,
 the trial's epochs, combined augmentation), after 10%, 20%, 50% and 100% of it. Distillation is
 deterministic and resumes bit for bit, so the set after k iterations of the long run is the set a
 k-iteration trial would make. A second scoring of the 100% sets with another evaluation seed
@@ -23,18 +23,15 @@ import time
 import numpy as np
 import torch
 
-from distill.baselines import search_epochs
 from distill.config_io import load_config
 from distill.data import load_configured
 from distill.distiller import Distiller
-from distill.evaluate import evaluate_config
-from distill.methods import augment_for
 from distill.synset import SyntheticSet
 from distill.trajectories import ExpertStore
 from distill.scores import load_scores
 from launch.experts import run_experts
 from launch.scores import ensure_scores
-from tune.trials import TrialContext
+from distill.search import METRIC, SearchContext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FRACTIONS = (0.1, 0.2, 0.5, 1.0)
@@ -47,14 +44,10 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def score(ctx: TrialContext, synset: SyntheticSet, seed: int) -> float:
-    images = synset.images().detach().cpu()
-    epochs = search_epochs(ctx.cfg, len(images), len(ctx.ds.y_train), "alpha")
-    res = evaluate_config(images, synset.labels.cpu(), ctx.val_ds, ctx.cfg.eval,
-                          is_distilled=synset.is_distilled.cpu(), seed=seed, device="cpu",
-                          runs=ctx.cfg.tune.eval_runs, epochs=epochs,
-                          augment=augment_for("selmatch", ctx.cfg), progress=False)
-    return res.mean
+def score(ctx: SearchContext, synset: SyntheticSet, seed: int) -> float:
+    """The α trial's score (distill/search.py), its networks seeded from ``seed``."""
+    return ctx.score(synset.images().detach().cpu(), synset.labels.cpu(),
+                     synset.is_distilled.cpu(), "alpha", seed=seed)[METRIC]
 
 
 def main() -> None:
@@ -69,7 +62,7 @@ def main() -> None:
     run_experts(cfg, workers=0, progress=False)
     ensure_scores(cfg)
     ds = load_configured(cfg.data)
-    ctx = TrialContext(cfg, ds, load_scores(cfg.run_dir, cfg.scores.kind), device="cpu")
+    ctx = SearchContext(cfg, ds, load_scores(cfg.run_dir, cfg.scores.kind), device="cpu")
     budget = cfg.distill.iterations
     steps = [max(1, round(f * budget)) for f in FRACTIONS]
     beta = cfg.select.beta

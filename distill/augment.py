@@ -220,17 +220,22 @@ def _apply_color(x: Tensor, v: dict[str, Tensor]) -> Tensor:
     return (x - mean) * _per_sample(v["contrast"], x) + mean
 
 
-def translate(x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
-    """Shift row b down by dy[b] and right by dx[b] pixels, zero fill: out[i, j] = x[i-dy, j-dx].
+def translate(x: Tensor, dy: Tensor, dx: Tensor, fill: Tensor | None = None) -> Tensor:
+    """Shift row b down by dy[b] and right by dx[b] pixels: out[i, j] = x[i-dy, j-dx], and the
+    pixels shifted in take ``fill`` (per channel, [C]; None = 0 in the model input space).
 
-    Gathers from a one-pixel zero border with clamped indices, so any shift is exact (a pure copy,
-    bit-identical on replay) and needs no padding that depends on the values.
+    Gathers from a one-pixel border of ``fill`` with clamped indices, so any shift is exact (a
+    pure copy, bit-identical on replay) and needs no padding that depends on the values.
     """
     b, c, h, w = x.shape
     dy, dx = dy.to(x.device).view(-1, 1), dx.to(x.device).view(-1, 1)
     rows = (torch.arange(h, device=x.device) - dy + 1).clamp(0, h + 1)  # [B, H] in padded coords
     cols = (torch.arange(w, device=x.device) - dx + 1).clamp(0, w + 1)  # [B, W]
-    padded = F.pad(x, (1, 1, 1, 1))
+    if fill is None:
+        padded = F.pad(x, (1, 1, 1, 1))
+    else:
+        padded = fill.to(x).view(1, c, 1, 1).expand(b, c, h + 2, w + 2).clone()
+        padded[:, :, 1:h + 1, 1:w + 1] = x
     out = padded.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w + 2))
     return out.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
 
@@ -334,23 +339,29 @@ def crop_pad(size: int) -> int:
     return 4 if size >= 16 else max(1, size // 8)
 
 
-def simple_augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random crop with zero padding (:func:`crop_pad`) + horizontal flip p = 0.5, batched.
+def simple_augment(x: Tensor, generator: torch.Generator, *, flip: bool = True,
+                   fill: Tensor | None = None) -> Tensor:
+    """Random crop (:func:`crop_pad` pixels of padding, filled with ``fill``: see
+    :func:`translate`) + horizontal flip with p = 0.5 when ``flip``, batched.
 
-    A pad-p random crop is a uniform integer translation in [-p, p] per axis with zero fill, so
-    it reuses :func:`translate`; the per-sample values come from the CPU generator.
+    A pad-p random crop is a uniform integer translation in [-p, p] per axis, so it reuses
+    :func:`translate`; the per-sample values come from the CPU generator. The flip draws are
+    made with ``flip`` off too, so the crops are the same with and without flips.
     """
     n = x.shape[0]
     pad = crop_pad(x.shape[-1])
     dy, dx = _randint(-pad, pad, n, generator), _randint(-pad, pad, n, generator)
-    flip = torch.rand(n, generator=generator, dtype=_PARAM_DTYPE) < 0.5
-    return flip_rows(translate(x, dy, dx), flip)
+    flips = torch.rand(n, generator=generator, dtype=_PARAM_DTYPE) < 0.5
+    out = translate(x, dy, dx, fill)
+    return flip_rows(out, flips) if flip else out
 
 
-def combined_augment(x: Tensor, dsa_mask: Tensor, dsa: DSA, generator: torch.Generator) -> Tensor:
+def combined_augment(x: Tensor, dsa_mask: Tensor, dsa: DSA, generator: torch.Generator, *,
+                     flip: bool = True, fill: Tensor | None = None) -> Tensor:
     """The paper's evaluation augmentation: DSA on rows where ``dsa_mask`` is True (distilled
-    images), crop + flip on the others (selected real images); one batched call for each part,
-    output rows in input order. The generator feeds DSA first, then the crop/flip."""
+    images), crop (+ flip when ``flip``) on the others (selected real images, see
+    :func:`simple_augment`); one batched call for each part, output rows in input order. The
+    generator feeds DSA first, then the crop/flip."""
     mask = dsa_mask.to(device=x.device, dtype=torch.bool).view(-1)
     if mask.shape[0] != x.shape[0]:
         raise ValueError(f"dsa_mask has {mask.shape[0]} rows, images have {x.shape[0]}")
@@ -361,7 +372,7 @@ def combined_augment(x: Tensor, dsa_mask: Tensor, dsa: DSA, generator: torch.Gen
         parts.append(dsa(x[dsa_rows], generator)[0])
         order.append(dsa_rows)
     if simple_rows.numel():
-        parts.append(simple_augment(x[simple_rows], generator))
+        parts.append(simple_augment(x[simple_rows], generator, flip=flip, fill=fill))
         order.append(simple_rows)
     if not parts:
         return x
@@ -381,34 +392,49 @@ class Augmentation(Protocol):
                  dsa_mask: Tensor | None = None) -> Tensor: ...
 
 
-def _build_none(config: DSAConfig) -> Augmentation:
+def _build_none(config: DSAConfig, real: RealAugment) -> Augmentation:
     return lambda x, generator, dsa_mask=None: x
 
 
-def _build_dsa(config: DSAConfig) -> Augmentation:
+def _build_dsa(config: DSAConfig, real: RealAugment) -> Augmentation:
     dsa = DSA(config)
     return lambda x, generator, dsa_mask=None: dsa(x, generator)[0]
 
 
-def _build_simple(config: DSAConfig) -> Augmentation:
-    return lambda x, generator, dsa_mask=None: simple_augment(x, generator)
+def _build_simple(config: DSAConfig, real: RealAugment) -> Augmentation:
+    return lambda x, generator, dsa_mask=None: simple_augment(x, generator, flip=real.flip,
+                                                              fill=real.fill)
 
 
-def _build_combined(config: DSAConfig) -> Augmentation:
+def _build_combined(config: DSAConfig, real: RealAugment) -> Augmentation:
     dsa = DSA(config)
 
     def combined(x: Tensor, generator: torch.Generator, dsa_mask: Tensor | None = None) -> Tensor:
         if dsa_mask is None:
             raise ValueError("the combined augmentation needs dsa_mask (True = distilled row)")
-        return combined_augment(x, dsa_mask, dsa, generator)
+        return combined_augment(x, dsa_mask, dsa, generator, flip=real.flip, fill=real.fill)
 
     return combined
 
 
-AUGMENTS: dict[str, Callable[[DSAConfig], Augmentation]] = {
+@dataclass(frozen=True)
+class RealAugment:
+    """How the crop + flip of real rows (``simple``, and the real part of ``combined``) runs:
+    ``flip`` mirrors half of the rows (only for flip-invariant data: a mirrored digit is another
+    shape), ``fill`` is the per-channel value of the pixels the crop shifts in (model input
+    space; None = 0 there, the dataset's mean colour)."""
+
+    flip: bool = True
+    fill: Tensor | None = None
+
+
+AUGMENTS: dict[str, Callable[[DSAConfig, RealAugment], Augmentation]] = {
     "none": _build_none, "dsa": _build_dsa, "simple": _build_simple, "combined": _build_combined,
 }
 """Evaluation augmentations (``eval.augment``, a row's rule in distill/methods.py)."""
+
+REAL_PARTS = ("simple", "combined")
+"""The augmentations with a crop + flip part, which :class:`RealAugment` configures."""
 
 TRAINING_AUGMENTS: dict[str, Callable[[DSAConfig], DSA | None]] = {
     "dsa": DSA, "none": lambda config: None,
@@ -426,8 +452,9 @@ def training_dsa(name: str, config: DSAConfig = DSAConfig()) -> DSA | None:
     return TRAINING_AUGMENTS[name](config)
 
 
-def build_augment(name: str, config: DSAConfig = DSAConfig()) -> Augmentation:
+def build_augment(name: str, config: DSAConfig = DSAConfig(),
+                  real: RealAugment = RealAugment()) -> Augmentation:
     """Look up ``name`` in :data:`AUGMENTS`; an unknown name lists the valid ones."""
     if name not in AUGMENTS:
         raise ValueError(f"unknown augmentation {name!r}; valid: {', '.join(sorted(AUGMENTS))}")
-    return AUGMENTS[name](config)
+    return AUGMENTS[name](config, real)

@@ -187,6 +187,16 @@ class DistillConfig:
 class EvalConfig:
     model: str = "resnet18"
     """Network trained on the synthetic set for evaluation."""
+    width: int | None = None
+    """ConvNet width of the evaluation network; None = model.width when eval.model is the
+    distillation network's ConvNet, else 128. Other networks ignore it."""
+    depth: int | None = None
+    """ConvNet depth of the evaluation network; None = model.depth when eval.model is the
+    distillation network's ConvNet, else the default for the image size."""
+    norm: str | None = None
+    """Normalisation of the evaluation network (batch, instance, group or none); None =
+    model.norm for the distillation network's ConvNet, else batch (the paper's ResNet-18 "with
+    batch normalization")."""
     runs: int = 5
     """Independently initialised evaluation runs (mean and std are reported)."""
     epochs: int | None = None
@@ -212,6 +222,15 @@ class EvalConfig:
     """None = the paper's rule per row (§5.1): DSA for every selection and distillation baseline,
     combined (DSA on distilled rows, crop+flip on selected rows) for SelMatch and the rows that
     have both parts. A value (combined, dsa, simple or none) forces it on every row (ablations)."""
+    flip: bool | None = None
+    """Horizontal flips in the crop + flip of real rows (the real part of combined, and simple);
+    None = the dataset's default: on for flip-invariant data (CIFAR, Tiny ImageNet,
+    Fashion-MNIST), off for digits, MNIST, synthetic and imagefolder (a mirrored digit is
+    another shape). DSA's own flip family is not affected."""
+    crop_fill: str = "black"
+    """What the random crop of real rows shifts in: black (pixel value 0, what torchvision's
+    RandomCrop(padding=4) does before normalisation, the subset-selection convention the paper's
+    App. B.3 cites) or mean (0 in the normalised input space, i.e. the dataset's mean colour)."""
     methods: list[str] | None = None
     """Report rows to compute and evaluate (distill/methods.py lists them); None = the paper's set:
     the selection baselines, Table 3's ablation rows and SelMatch. Rows not listed are not
@@ -234,10 +253,12 @@ class TuneConfig:
     alpha_epoch_fraction: float | None = None
     """Fraction of the evaluation epochs per alpha trial; None = the beta trials' fraction."""
     val_fraction: float = 0.1
-    """Share of each class's training samples held out (at random from the seed) to score trials;
-    trials train on the rest and are never scored on the test set."""
+    """Share of each class's training samples held out (at random from the seed) before any
+    search: every candidate of the window search and of ``selmatch tune`` selects from the rest
+    and is scored on these same images, never on the test set."""
     eval_runs: int = 1
-    """Evaluation runs per trial (their mean is the trial's metric)."""
+    """Evaluation runs per search point (seeded alike for every point; their mean is its metric).
+    With 2 or more, the spread between training seeds is part of each comparison's noise."""
     beta_bound: float | None = None
     """Largest beta to try, e.g. the optimum at a smaller IPC (optima only decrease as IPC grows)."""
     alpha_bound: float | None = None

@@ -120,6 +120,10 @@ class DatasetSpec:
     default_root: str | None = None
     fetch: Callable[[str], None] | None = None  # download into a local root; None: impossible
     option_defaults: Mapping[str, Any] = field(default_factory=dict)
+    flip_invariant: bool = False  # a mirrored image is the same class: the crop + flip of real
+    # rows (eval.flip) mirrors only such data. Photographs (CIFAR, Tiny ImageNet) and clothes
+    # (Fashion-MNIST) are; digits are not (a mirrored 2 or 7 is another shape, or none), and
+    # generated or unknown images (synthetic, imagefolder) are not assumed to be.
 
     def options(self, options: Options | None) -> dict[str, Any]:
         """Defaults merged with `options`; unknown keys raise ValueError naming the allowed ones."""
@@ -349,14 +353,16 @@ _MNIST_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 def _on_disk(name: str, *, counts: tuple[int, ...], shape: tuple[int, int, int],
              mean: tuple[float, ...], std: tuple[float, ...], description: str, what: str,
              subdirs: tuple[str, ...], files: tuple[str, ...], read: Callable,
-             fetch: Callable[[str], None], default_root: str | None = None) -> DatasetSpec:
+             fetch: Callable[[str], None], flip_invariant: bool,
+             default_root: str | None = None) -> DatasetSpec:
     """A file dataset whose facts are published constants, so get_info reads nothing."""
     info = DatasetInfo(name=name, num_classes=len(counts), image_shape=shape,
                        train_size=sum(counts), test_size=10_000, min_class_size=min(counts),
                        mean=mean, std=std, description=description, how_to_get=_HOW[name])
     return DatasetSpec(name, lambda opts, root: (info, counts),
                        _locator(name, what, subdirs, files, _HOW[name]), read,
-                       default_root=default_root or f"{_CACHE}/{name}", fetch=fetch)
+                       default_root=default_root or f"{_CACHE}/{name}", fetch=fetch,
+                       flip_invariant=flip_invariant)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -371,31 +377,40 @@ DATASETS: dict[str, DatasetSpec] = {
         "mnist", counts=_MNIST_COUNTS, shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,),
         description="MNIST handwritten digits", what="IDX files", subdirs=("", "MNIST/raw"),
         files=_IDX_NAMES, read=_idx_read(tuple("0123456789")),
-        fetch=_torchvision_fetch("MNIST")),
+        fetch=_torchvision_fetch("MNIST"), flip_invariant=False),
     "fashion_mnist": _on_disk(
         "fashion_mnist", counts=(6000,) * 10, shape=(1, 28, 28), mean=(0.2860,), std=(0.3530,),
         description="Zalando Fashion-MNIST clothing images", what="IDX files",
         subdirs=("", "FashionMNIST/raw"), files=_IDX_NAMES, read=_idx_read(_FASHION_NAMES),
-        fetch=_torchvision_fetch("FashionMNIST"),
+        fetch=_torchvision_fetch("FashionMNIST"), flip_invariant=True,
         default_root="/usr/share/datasets/fashion-mnist"),
     "cifar10": _on_disk(
         "cifar10", counts=(5000,) * 10, shape=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465),
         std=(0.2023, 0.1994, 0.2010), description="CIFAR-10 32x32 colour images",
         what=f"{_CIFAR10.folder} files", subdirs=(_CIFAR10.folder, ""), files=_CIFAR10.files,
-        read=_cifar_read(_CIFAR10), fetch=_torchvision_fetch("CIFAR10")),
+        read=_cifar_read(_CIFAR10), fetch=_torchvision_fetch("CIFAR10"),
+        flip_invariant=True),
     "cifar100": _on_disk(
         "cifar100", counts=(500,) * 100, shape=(3, 32, 32), mean=(0.5071, 0.4866, 0.4409),
         std=(0.2673, 0.2564, 0.2762), description="CIFAR-100 32x32 colour images, fine labels",
         what=f"{_CIFAR100.folder} files", subdirs=(_CIFAR100.folder, ""),
-        files=_CIFAR100.files, read=_cifar_read(_CIFAR100), fetch=_torchvision_fetch("CIFAR100")),
+        files=_CIFAR100.files, read=_cifar_read(_CIFAR100), fetch=_torchvision_fetch("CIFAR100"),
+        flip_invariant=True),
     "tinyimagenet": _on_disk(
         "tinyimagenet", counts=(500,) * 200, shape=(3, 64, 64), mean=(0.4802, 0.4481, 0.3975),
         std=(0.2302, 0.2265, 0.2262), description="Tiny ImageNet 64x64, 200 classes; val = test",
-        what=_TINY, subdirs=(_TINY, ""), files=_TINY_NEEDS, read=_tiny_read, fetch=_tiny_fetch),
+        what=_TINY, subdirs=(_TINY, ""), files=_TINY_NEEDS, read=_tiny_read, fetch=_tiny_fetch,
+        flip_invariant=True),
     "imagefolder": DatasetSpec("imagefolder", lambda opts, root: imagefolder.static(opts, root),
                                imagefolder.locate, imagefolder.read,
                                option_defaults=imagefolder.OPTION_DEFAULTS),
 }
+
+
+def flip_invariant(name: str) -> bool:
+    """Whether a horizontally mirrored image of dataset ``name`` keeps its class (the default
+    of ``eval.flip``)."""
+    return get_spec(name).flip_invariant
 
 
 def dataset_names() -> list[str]:

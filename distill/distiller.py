@@ -9,11 +9,13 @@ iteration k ends bit for bit where an uninterrupted run ends (on CPU; tested).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import resource
 import time
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,10 +26,11 @@ from distill.config import RunConfig, syn_lr_init
 from distill.config_io import save_config
 from distill.data import Dataset, load_configured
 from distill.experts import build_network
-from distill.freshness import stamp
+from distill.freshness import digest, stamp
 from distill.matching import LOCAL, Collectives, make_plan, match_replay, theta_pair
 from distill.metrics import JsonlSink, Metrics, tensorboard_sinks
 from distill.preflight import log_summary
+from distill.prerequisites import require_stages
 from distill.rng import SEGMENT
 from distill.runtime import Runtime, cpu_threads
 from distill.scores import load_scores, scores_digest
@@ -78,10 +81,16 @@ def check_resumable(state: dict, cfg: RunConfig, key: str, url: str) -> None:
             f"--resume to start over")
 
 
-def peak_memory_mib(device: torch.device) -> float:
+def peak_memory(device: torch.device) -> tuple[str, str, float]:
+    """(metric key, log label, MiB) of what this process has used at most so far: on CUDA the
+    tensors PyTorch's allocator has held (``max_memory_allocated``), on CPU the resident set
+    size (``ru_maxrss``: interpreter, libraries, data and all). Not the estimate's figure, which
+    models the matching step's own tensors only (distill/estimate.py)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        return ("cuda_peak_allocated_mib", "CUDA peak allocated",
+                torch.cuda.max_memory_allocated(device) / 2**20)
+    return "peak_rss_mib", "process peak RSS", \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class Distiller:
@@ -215,12 +224,13 @@ class Distiller:
             self.history.append({k: record[k] for k in ("iteration", "loss", "syn_lr")})
             bar.set_postfix(loss=f"{record['loss']:.4f}", syn_lr=f"{record['syn_lr']:.4g}")
             if self.iteration % d.log_every == 0 or self.iteration == d.iterations:
-                record["peak_mem_mib"] = round(peak_memory_mib(self.device), 1)
+                key, label, mib = peak_memory(self.device)
+                record[key] = round(mib, 1)
                 self.metrics.log(step=self.iteration, **record)
                 if self.is_main:
-                    log.info("it %d/%d loss %.4f syn_lr %.5g %.0f img-steps/s mem %.0f MiB",
+                    log.info("it %d/%d loss %.4f syn_lr %.5g %.0f img-steps/s, %s %.0f MiB",
                              self.iteration, d.iterations, record["loss"], record["syn_lr"],
-                             record["image_steps_per_s"], record["peak_mem_mib"])
+                             record["image_steps_per_s"], label, mib)
             if due_checkpoint:
                 self.save_checkpoint(checkpoint_url)
         return self.history
@@ -284,24 +294,31 @@ class Distiller:
 # --------------------------------------------------------------------------------------------
 
 
-def initial_set(cfg: RunConfig, ds: Dataset, source: RunConfig | None = None) -> SyntheticSet:
+def initial_set(cfg: RunConfig, ds: Dataset, source: RunConfig | None = None,
+                pool: np.ndarray | None = None) -> SyntheticSet:
     """The selection of ``select.init`` as a synthetic set (float32, CPU); scores are read from
-    ``source.run_dir`` (default: ``cfg``'s)."""
+    ``source.run_dir`` (default: ``cfg``'s); ``pool``: select among these training indices only
+    (an α trial's pool: distill/search.py)."""
     scores = None if cfg.select.init == "random" else \
         load_scores((source or cfg).run_dir, cfg.scores.kind)
     sel = make_selection(cfg.select.init, scores=scores, labels=ds.y_train.numpy(),
                          num_classes=ds.info.num_classes, ipc=cfg.select.ipc,
-                         beta=cfg.select.beta, alpha=cfg.distill.alpha, seed=cfg.seed)
+                         beta=cfg.select.beta, alpha=cfg.distill.alpha, seed=cfg.seed,
+                         pool=pool)
     return SyntheticSet.from_selection(sel, ds.x_train, syn_lr_init(cfg))
 
 
-def result_stamp(cfg: RunConfig, source: RunConfig | None = None) -> str:
+def result_stamp(cfg: RunConfig, source: RunConfig | None = None,
+                 pool: np.ndarray | None = None) -> str:
     """Freshness stamp of a distilled set (distill/freshness.py): every field of the stage,
-    iterations included, and the identity of the experts and scores it was made from."""
+    iterations included, and the identity of the experts and scores it was made from (and of
+    the pool it selected from, when not the whole training set)."""
     src = source or cfg
     inputs = {"experts": ExpertStore(src).digest()}
     if cfg.select.init != "random":
         inputs["scores"] = scores_digest(src.run_dir, cfg.scores.kind)
+    if pool is not None:
+        inputs["pool"] = digest(np.asarray(pool).tolist())
     return stamp(cfg, "distill", inputs=inputs)
 
 
@@ -313,21 +330,26 @@ def _meta(cfg: RunConfig, method: str, stamp_: str, **extra) -> dict:
 
 def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None = None,
                 progress: bool = True, source: RunConfig | None = None,
-                method: str | None = None, restart_stale: bool = False) -> SyntheticSet:
+                method: str | None = None, restart_stale: bool = False,
+                pool: np.ndarray | None = None, ds: Dataset | None = None,
+                preflight: bool = True) -> SyntheticSet:
     """Select, distill and save; returns the final synthetic set.
 
     ``source``: the run whose experts and scores are used (default ``cfg``; ``selmatch run``
-    repeats distillation per seed in ``run_dir/seeds/<s>`` on the main run's experts). ``method``:
-    the artifact name (default :func:`method_name`). ``restart_stale``: with ``resume``, a
-    checkpoint that cannot continue to this result is ignored (the run starts over) instead of
-    refused. Everything that can refuse the run (data,
-    scores, experts, a checkpoint from other settings, an unwritable run_dir) is checked before
-    anything is written, so a refused run leaves the run directory as it was."""
+    repeats distillation per seed in ``run_dir/seeds/<s>`` on the main run's experts, and an α
+    trial of ``selmatch tune`` distils in its own directory). ``method``: the artifact name
+    (default :func:`method_name`). ``restart_stale``: with ``resume``, a checkpoint that cannot
+    continue to this result is ignored (the run starts over) instead of refused. ``pool``: select
+    among these training indices only. ``ds``: the loaded dataset (default: load ``cfg.data``).
+    ``preflight``: log the estimate's summary line first. Everything that can refuse the run
+    (data, scores, experts, a checkpoint from other settings, an unwritable run_dir) is checked
+    before anything is written, so a refused run leaves the run directory as it was."""
     rt = runtime or Runtime.create()
     src = source or cfg
+    require_stages(dataclasses.replace(src, select=cfg.select), "distill")  # source's experts
     method = method or method_name(cfg)
-    ds = load_configured(cfg.data)
-    synset = initial_set(cfg, ds, src)
+    ds = ds if ds is not None else load_configured(cfg.data)
+    synset = initial_set(cfg, ds, src, pool)
     log.info("%s: %s, %d images (%d learnable), %s", method, cfg.data.name, len(synset),
              len(synset.distilled), rt.describe())
     distiller = None
@@ -345,9 +367,9 @@ def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None
     problem = rt.broadcast_object(problem)
     if problem is not None:
         raise storage.RunDirError(problem)
-    final_stamp = result_stamp(cfg, src)
+    final_stamp = result_stamp(cfg, src, pool)
     # checks done: from here on the run writes
-    if rt.is_main:
+    if rt.is_main and preflight:
         log_summary(cfg, ranks=rt.world_size, device=rt.device.type)
     if rt.is_main:
         save_config(cfg)
@@ -379,7 +401,7 @@ def _distiller(cfg: RunConfig, ds: Dataset, synset: SyntheticSet, rt: Runtime, m
     the checkpoint cannot continue to this config's result)."""
     ckpt = _checkpoint_url(cfg, method)
     metrics_url = storage.join(cfg.run_dir, "logs", f"distill_{method}.jsonl")
-    sinks = [JsonlSink(metrics_url), *tensorboard_sinks(cfg, f"distill_{method}")] \
+    sinks = [JsonlSink(metrics_url), *tensorboard_sinks(cfg, f"distill_{method}", source)] \
         if rt.is_main else []
     distiller = Distiller(cfg, ds, synset, ExpertStore(source), comm=rt, device=rt.device,
                           metrics=Metrics(sinks), is_main=rt.is_main, method=method)

@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from distill.augment import AUGMENTS, build_augment
+from distill.augment import AUGMENTS, REAL_PARTS, RealAugment, build_augment
 from distill.checks import check_int, int_problem
 from distill.data import Dataset
+from distill.methods import crop_fill_for, eval_network, real_augment
 from distill.models import build_model, eval_outputs
 from distill.rng import (
     EVAL_AUGMENT,
@@ -54,8 +55,9 @@ from distill.rng import (
 from distill.runtime import cpu_threads
 
 __all__ = [
-    "EvalResult", "Reference", "config_epochs", "coverage", "coverage_of", "eval_epochs",
-    "evaluate_config", "evaluate_images", "nn_radius", "run_correct", "summarize", "train_network",
+    "EvalResult", "ImageSet", "Reference", "config_epochs", "coverage", "coverage_of",
+    "eval_epochs", "evaluate_images", "evaluate_sets", "nn_radius", "run_correct", "run_jobs",
+    "run_set", "summarize", "train_network",
 ]  # fmt: skip
 
 _CHUNK = 1024  # rows per cdist block: 1024 × 50k distances are 200 MB in float32
@@ -127,25 +129,30 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
     return len(_batches(torch.arange(n), batch_size))
 
 
-def _fresh_network(model: str, images: Tensor, num_classes: int, seed: int) -> nn.Module:
-    """Default-width network, initialised on CPU from a seed-derived value (device independent)."""
+def _fresh_network(model: str, images: Tensor, num_classes: int, seed: int, *, width: int,
+                   depth: int | None, norm: str) -> nn.Module:
+    """A fresh network, initialised on CPU from a seed-derived value (device independent)."""
     with seeded(EVAL_INIT.generator(seed)):
         return build_model(model, in_channels=images.shape[1], num_classes=num_classes,
-                           image_size=images.shape[2])
+                           image_size=images.shape[2], width=width, depth=depth, norm=norm)
 
 
 def train_network(images: Tensor, labels: Tensor, *, num_classes: int, model: str, epochs: int,
                   lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                   batch_size: int = 128, augment: str = "combined",
                   is_distilled: Tensor | None = None, seed: int = 0,
-                  device: str | torch.device = "cpu", progress: bool = False) -> nn.Module:
-    """Train a fresh `model` on (images, labels) with the evaluation protocol; return it in eval
-    mode. Images are in model input space; `is_distilled` (None = all False) marks the rows that
-    the "combined" augmentation treats with DSA, the other rows get crop + flip."""
+                  device: str | torch.device = "cpu", progress: bool = False, width: int = 128,
+                  depth: int | None = None, norm: str = "batch",
+                  real: RealAugment = RealAugment()) -> nn.Module:
+    """Train a fresh `model` (ConvNet: of `width`, `depth`, `norm`) on (images, labels) with the
+    evaluation protocol; return it in eval mode. Images are in model input space; `is_distilled`
+    (None = all False) marks the rows that the "combined" augmentation treats with DSA, the other
+    rows get crop (+ flip, as `real` says)."""
     _check_training_inputs(images, labels, num_classes, epochs, batch_size, augment,
                            is_distilled)
     device = torch.device(device)
-    net = _fresh_network(model, images, num_classes, seed).to(device)
+    net = _fresh_network(model, images, num_classes, seed, width=width, depth=depth,
+                         norm=norm).to(device)
     net.train()
     x, y = images.detach().to(device), labels.detach().long().to(device)
     n = x.shape[0]
@@ -155,7 +162,7 @@ def train_network(images: Tensor, labels: Tensor, *, num_classes: int, model: st
                           weight_decay=weight_decay, nesterov=False)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         opt, T_max=epochs * _steps_per_epoch(n, batch_size))
-    aug = build_augment(augment)
+    aug = build_augment(augment, real=real)
     bar = tqdm(range(epochs), desc=f"train {model}", disable=not progress, leave=False)
     for epoch in bar:
         order = torch.randperm(n, generator=EVAL_SHUFFLE.generator(seed, epoch))
@@ -328,6 +335,11 @@ class EvalResult:
     model: str
     augment: str
     n_images: int
+    width: int | None = None  # the evaluation network's settings (ConvNet width/depth, norm)
+    depth: int | None = None
+    norm: str | None = None
+    flip: bool | None = None  # crop + flip of real rows: whether it flips (None: no such part)
+    crop_fill: str | None = None  # what that crop shifts in (None: no such part)
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict (written to <run_dir>/eval/<method>.json)."""
@@ -336,7 +348,7 @@ class EvalResult:
     @classmethod
     def from_dict(cls, data: dict) -> EvalResult:
         """Inverse of `to_dict` (reports read the saved JSON back)."""
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
 
 def _split_accuracy(correct: Tensor, reference: Reference | None) -> tuple[float, float] | None:
@@ -354,21 +366,25 @@ def evaluate_images(images: Tensor, labels: Tensor, ds: Dataset, *, model: str, 
                     runs: int, augment: str = "combined", is_distilled: Tensor | None = None,
                     lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                     batch_size: int = 128, seed: int = 0, device: str | torch.device = "cpu",
-                    reference: Reference | None = None, progress: bool = True) -> EvalResult:
+                    reference: Reference | None = None, progress: bool = True,
+                    width: int = 128, depth: int | None = None, norm: str = "batch",
+                    real: RealAugment = RealAugment()) -> EvalResult:
     """Train `runs` fresh networks on the images (run k seeded from (seed, k)) and test each on
-    ds.x_test / ds.y_test. Every run is reported; none is chosen by its test accuracy."""
+    ds.x_test / ds.y_test. Every run is reported; none is chosen by its test accuracy. (The
+    pipeline evaluates through :func:`evaluate_sets`, which takes these settings from a config.)"""
     check_int("runs", runs)
     if reference is not None and tuple(reference.easy.shape) != tuple(ds.y_test.shape):
         raise ValueError(f"reference.easy has shape {tuple(reference.easy.shape)}, the test set "
                          f"has {len(ds.y_test)} samples: build the Reference on this dataset")
     cover = None if reference is None else coverage_of(images, reference)
+    net = dict(width=width, depth=depth, norm=norm)
     corrects = [run_correct(images, labels, ds, run=run, model=model, epochs=epochs,
                             augment=augment, is_distilled=is_distilled, lr=lr, momentum=momentum,
                             weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                            device=device, progress=progress)
+                            device=device, progress=progress, real=real, **net)
                 for run in tqdm(range(runs), desc="eval runs", disable=not progress)]
     return summarize(corrects, reference=reference, coverage=cover, epochs=epochs, model=model,
-                     augment=augment, n_images=len(images))
+                     augment=augment, n_images=len(images), real=real, **net)
 
 
 def coverage_of(images: Tensor, reference: Reference) -> float:
@@ -381,28 +397,35 @@ def run_correct(images: Tensor, labels: Tensor, ds: Dataset, *, run: int, model:
                 epochs: int, augment: str = "combined", is_distilled: Tensor | None = None,
                 lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                 batch_size: int = 128, seed: int = 0, device: str | torch.device = "cpu",
-                progress: bool = False) -> Tensor:
+                progress: bool = False, width: int = 128, depth: int | None = None,
+                norm: str = "batch", real: RealAugment = RealAugment()) -> Tensor:
     """Evaluation run `run` alone (seeded from (seed, run)): which test samples (bool, CPU) its
     network gets right. Runs are independent, so they may run anywhere in any order
     (launch/evaluate.py spreads them over Ray workers) and :func:`summarize` combines them."""
     net = train_network(images, labels, num_classes=ds.num_classes, model=model, epochs=epochs,
                         lr=lr, momentum=momentum, weight_decay=weight_decay,
                         batch_size=batch_size, augment=augment, is_distilled=is_distilled,
-                        seed=derived_seed(EVAL_RUN.generator(seed, run)), device=device, progress=progress)
+                        seed=derived_seed(EVAL_RUN.generator(seed, run)), device=device,
+                        progress=progress, width=width, depth=depth, norm=norm, real=real)
     return _predict(net, ds.x_test) == ds.y_test.cpu()
 
 
 def summarize(corrects: list[Tensor], *, reference: Reference | None, coverage: float | None,
-              epochs: int, model: str, augment: str, n_images: int) -> EvalResult:
+              epochs: int, model: str, augment: str, n_images: int, width: int | None = None,
+              depth: int | None = None, norm: str | None = None,
+              real: RealAugment | None = None, crop_fill: str | None = None) -> EvalResult:
     """An EvalResult from the per-run correctness vectors of :func:`run_correct`, in run order."""
     accuracies = [float(c.float().mean()) for c in corrects]
     splits = [s for s in (_split_accuracy(c, reference) for c in corrects) if s is not None]
+    has_real = augment in REAL_PARTS
     return EvalResult(accuracies=accuracies, mean=statistics.fmean(accuracies),
                       std=statistics.pstdev(accuracies),
                       easy_acc=_mean_or_none([e for e, _ in splits]),
                       hard_acc=_mean_or_none([h for _, h in splits]), coverage=coverage,
                       epochs=epochs, runs=len(corrects), model=model, augment=augment,
-                      n_images=n_images)
+                      n_images=n_images, width=width, depth=depth, norm=norm,
+                      flip=(real or RealAugment()).flip if has_real else None,
+                      crop_fill=crop_fill if has_real else None)
 
 
 def config_epochs(eval_cfg, n_images: int, n_train: int) -> int:
@@ -412,33 +435,77 @@ def config_epochs(eval_cfg, n_images: int, n_train: int) -> int:
     return eval_epochs(n_images / max(1, n_train))
 
 
-def evaluate_config(images: Tensor, labels: Tensor, ds: Dataset, eval_cfg, *,
-                    is_distilled: Tensor | None = None, seed: int = 0,
-                    device: str | torch.device = "cpu", reference: Reference | None = None,
-                    runs: int | None = None, epochs: int | None = None,
-                    augment: str | None = None, progress: bool = True) -> EvalResult:
-    """:func:`evaluate_images` with the settings of an `EvalConfig`.
-
-    epochs: the explicit argument, else `eval_cfg.epochs`, else the paper's rule on
-    ratio = len(images) / len(ds.y_train) (the training set as loaded, subset included).
-    runs: the explicit argument, else `eval_cfg.runs`.
-    augment: the explicit argument (a row's augmentation, distill.methods.augment_for), else
-    `eval_cfg.augment`, else combined (DSA on `is_distilled` rows, crop + flip on the others).
-    """
-    augment = augment or eval_cfg.augment or "combined"
-    with cpu_threads(max(1, int(eval_cfg.num_cpus))):
-        return _evaluate_config(images, labels, ds, eval_cfg, is_distilled=is_distilled, seed=seed,
-                                device=device, reference=reference, runs=runs, epochs=epochs,
-                                augment=augment, progress=progress)
+# --------------------------------------------------------------------------------------------
+# Evaluating image sets with the settings of a run (the pipeline's one path, and the searches')
+# --------------------------------------------------------------------------------------------
 
 
-def _evaluate_config(images, labels, ds, eval_cfg, *, is_distilled, seed, device, reference,
-                     runs, epochs, augment, progress) -> EvalResult:
-    if epochs is None:
-        epochs = config_epochs(eval_cfg, len(images), len(ds.y_train))
-    return evaluate_images(
-        images, labels, ds, model=eval_cfg.model, epochs=epochs,
-        runs=eval_cfg.runs if runs is None else runs, augment=augment,
-        is_distilled=is_distilled, lr=eval_cfg.lr, momentum=eval_cfg.momentum,
-        weight_decay=eval_cfg.weight_decay, batch_size=eval_cfg.batch_size, seed=seed,
-        device=device, reference=reference, progress=progress)
+@dataclass(frozen=True)
+class ImageSet:
+    """What one row's evaluation trains on, with the row's augmentation and repetition seed
+    (None: ``eval.augment`` or combined, and the run's seed)."""
+
+    images: Tensor
+    labels: Tensor
+    is_distilled: Tensor | None
+    augment: str | None = None
+    seed: int | None = None
+
+    def augment_in(self, cfg) -> str:
+        return self.augment or cfg.eval.augment or "combined"
+
+
+Job = tuple[str, int, int]  # (set name, run index, epochs)
+
+
+def run_set(cfg, ds: Dataset, images: ImageSet, run: int, epochs: int,
+            device: str | torch.device = "cpu") -> Tensor:
+    """One evaluation run of an image set with the settings of run config ``cfg`` (network,
+    optimiser, augmentation and its crop + flip, ``eval.num_cpus`` threads): the test samples
+    of ``ds`` it gets right. The unit that every evaluation executes, in-process or on a Ray
+    worker (launch/evaluate.py)."""
+    ev = cfg.eval
+    with cpu_threads(max(1, int(ev.num_cpus))):
+        return run_correct(images.images, images.labels, ds, run=run, model=ev.model,
+                           epochs=epochs, augment=images.augment_in(cfg),
+                           is_distilled=images.is_distilled, lr=ev.lr, momentum=ev.momentum,
+                           weight_decay=ev.weight_decay, batch_size=ev.batch_size,
+                           seed=cfg.seed if images.seed is None else images.seed, device=device,
+                           real=real_augment(cfg, ds.info), **eval_network(cfg))
+
+
+def run_jobs(cfg, ds: Dataset, sets: dict[str, ImageSet], jobs: list[Job], *,
+             device: str | torch.device = "cpu",
+             progress: bool = False) -> dict[tuple[str, int], Tensor]:
+    """Every job of ``jobs`` in this process, one after another: {(set, run): correct}."""
+    done = {}
+    for name, run, epochs in tqdm(jobs, desc="eval runs", disable=not progress):
+        done[name, run] = run_set(cfg, ds, sets[name], run, epochs, device)
+    return done
+
+
+Runner = Callable[..., dict[tuple[str, int], Tensor]]
+
+
+def evaluate_sets(cfg, ds: Dataset, sets: dict[str, ImageSet], *,
+                  reference: Reference | None = None, runner: Runner | None = None,
+                  device: str | torch.device = "cpu", progress: bool = True) -> dict[str, EvalResult]:
+    """``eval.runs`` runs of every set, each for the epochs of its size (:func:`config_epochs`),
+    tested on ``ds``'s test split; ``runner(cfg, ds, sets, jobs, progress=...)`` executes the
+    jobs (default :func:`run_jobs`, in this process; launch/evaluate.py passes a Ray one), and
+    where they run does not change them."""
+    epochs = {m: config_epochs(cfg.eval, len(s.images), len(ds.y_train)) for m, s in sets.items()}
+    jobs = [(m, k, epochs[m]) for m in sets for k in range(cfg.eval.runs)]
+    if runner is None:
+        done = run_jobs(cfg, ds, sets, jobs, device=device, progress=progress)
+    else:
+        done = runner(cfg, ds, sets, jobs, progress=progress)
+    out = {}
+    for m, s in sets.items():
+        cover = None if reference is None else coverage_of(s.images, reference)
+        out[m] = summarize([done[m, k] for k in range(cfg.eval.runs)], reference=reference,
+                           coverage=cover, epochs=epochs[m], model=cfg.eval.model,
+                           augment=s.augment_in(cfg), n_images=len(s.images),
+                           real=real_augment(cfg, ds.info), crop_fill=crop_fill_for(cfg),
+                           **eval_network(cfg))
+    return out

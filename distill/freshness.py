@@ -49,8 +49,10 @@ STAGES: dict[str, StageFields] = {
                           ("experts.num_experts", *_RESOURCES)),
     "scores": StageFields(("data", "scores.kind", "scores.file", "scores.key")),
     "topk_scores": StageFields(("data", "scores.topk", "scores.topk_file")),
-    "window": StageFields(("data", "select.ipc", "eval", "tune.beta_step",
-                           "tune.beta_epoch_fraction", "seed"),
+    # the window search: its grid, split, points' training and tie rule (distill/search.py)
+    "window": StageFields(("data", "model", "select.ipc", "eval", "scores.topk", "tune.beta_step",
+                           "tune.beta_epoch_fraction", "tune.val_fraction", "tune.eval_runs",
+                           "tune.beta_start", "seed"),
                           ("eval.runs", "eval.methods", "eval.num_cpus", "eval.num_gpus")),
     "selection": StageFields(("data", "select", "distill.alpha", "seed")),
     "distill": StageFields(("data", "model", "select", "distill", "experts.lr", "seed"),

@@ -31,7 +31,7 @@ import logging
 from distill.config_io import load_config
 from distill.distiller import run_distill
 from distill.runtime import Runtime
-from launch.exits import run_guarded
+from launch.exits import arguments_text, run_guarded
 
 
 def run(rt: Runtime, config: str, overrides: list[str], *, resume: bool = False) -> int:
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                             datefmt="%H:%M:%S")
         return run(rt, args.config, overrides, resume=args.resume)
 
-    return run_guarded("distill", work)  # exit statuses: launch/exits.py
+    return run_guarded("distill", work,  # exit statuses: launch/exits.py
+                       arguments=arguments_text(args.config, overrides))
 
 
 def cmd_distill(args, overrides: list[str]) -> int:

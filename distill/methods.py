@@ -29,7 +29,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
+from distill.augment import RealAugment
 from distill.config import RunConfig
+from distill.data import flip_invariant
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("random", "Random selection", "random", "dsa", "selection", init="random"),
     Method("topk", "Top-k hardest ({score})", "topk", "dsa", "selection", init="topk"),
-    Method("window", "Oracle window (best β)", "window", "dsa", "selection", init="window"),
+    Method("window", "Best window (validation β)", "window", "dsa", "selection", init="window"),
     Method("init", "SelMatch init alone (window at β, α = 0)", "init", "dsa", "selection",
            init="window"),
     Method("mtt", "MTT (random init, full update)", "mtt", "dsa", "distill", (False, False, False)),
@@ -87,6 +91,41 @@ def chosen(cfg: RunConfig) -> list[str]:
 def augment_for(name: str, cfg: RunConfig) -> str:
     """The augmentation row ``name`` is evaluated with: ``eval.augment`` if set, else the rule."""
     return cfg.eval.augment or METHODS[name].augment
+
+
+CROP_FILLS = ("black", "mean")
+"""``eval.crop_fill``: what the crop of real rows shifts in."""
+
+
+def flip_for(cfg: RunConfig) -> bool:
+    """Whether the crop + flip of real rows flips: ``eval.flip``, else the dataset's default
+    (flip-invariant data only: distill/data.py)."""
+    return cfg.eval.flip if cfg.eval.flip is not None else flip_invariant(cfg.data.name)
+
+
+def crop_fill_for(cfg: RunConfig) -> str:
+    return cfg.eval.crop_fill
+
+
+def real_augment(cfg: RunConfig, info) -> RealAugment:
+    """The crop + flip of real rows for ``cfg`` on a dataset with ``info``'s normalisation: the
+    flip rule, and a black fill (pixel 0, i.e. -mean/std per channel in model input space) or
+    the mean colour (0 there)."""
+    fill = None
+    if cfg.eval.crop_fill == "black":
+        fill = torch.tensor([-m / s for m, s in zip(info.mean, info.std)], dtype=torch.float32)
+    return RealAugment(flip=flip_for(cfg), fill=fill)
+
+
+def eval_network(cfg: RunConfig) -> dict:
+    """The evaluation network's ConvNet settings (width, depth, norm): ``eval.*`` where set,
+    else the distillation network's when ``eval.model`` is that network, else the defaults
+    (width 128, the image size's depth, batch norm: the paper's ResNet-18 uses batch norm)."""
+    ev, model = cfg.eval, cfg.model
+    same = ev.model == model.name
+    return {"width": ev.width if ev.width is not None else (model.width if same else 128),
+            "depth": ev.depth if ev.depth is not None else (model.depth if same else None),
+            "norm": ev.norm if ev.norm is not None else (model.norm if same else "batch")}
 
 
 def synsets_needed(cfg: RunConfig) -> list[str]:

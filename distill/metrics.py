@@ -51,6 +51,9 @@ class JsonlSink:
         self.flush()
 
 
+_NOT_SCALARS = ("step", "seed")  # record keys that say where a value belongs, not values
+
+
 class TensorBoardSink:
     """Numeric fields as TensorBoard scalars (tag = field name, step = ``record["step"]``).
 
@@ -86,8 +89,8 @@ class TensorBoardSink:
     def write(self, record: dict[str, Any]) -> None:
         step = int(record.get("step", 0))
         for key, value in record.items():
-            if (key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and math.isfinite(value)):
+            if (key not in _NOT_SCALARS and isinstance(value, (int, float))
+                    and not isinstance(value, bool) and math.isfinite(value)):
                 self.writer.add_scalar(key, value, step)
 
     def flush(self) -> None:
@@ -114,30 +117,36 @@ def _local_path(url: str) -> str | None:
     return None if "://" in url else url
 
 
-def tensorboard_sinks(cfg, name: str) -> list[Sink]:
-    """``[TensorBoardSink(<run_dir>/tensorboard/<name>)]`` when ``metrics.tensorboard``, else []."""
+def tensorboard_dir(cfg, name: str, source=None) -> str:
+    """Where ``name``'s event files go: ``<run_dir>/tensorboard/<name>``; for a repetition seed
+    of ``source`` (its run directory ``<source run_dir>/seeds/<s>``, distill/config_io.py) under
+    the run's own: ``<source run_dir>/tensorboard/seed_<s>/<name>``, so that one ``--logdir``
+    shows every seed."""
+    if source is not None and cfg.run_dir == storage.join(source.run_dir, "seeds", str(cfg.seed)):
+        return storage.join(source.run_dir, "tensorboard", f"seed_{cfg.seed}", name)
+    return storage.join(cfg.run_dir, "tensorboard", name)
+
+
+def tensorboard_sinks(cfg, name: str, source=None) -> list[Sink]:
+    """``[TensorBoardSink(tensorboard_dir(...))]`` when ``metrics.tensorboard``, else []."""
     if not cfg.metrics.tensorboard:
         return []
-    return [TensorBoardSink(storage.join(cfg.run_dir, "tensorboard", name))]
+    return [TensorBoardSink(tensorboard_dir(cfg, name, source))]
 
 
-def run_metrics(cfg, name: str, *, keep: bool = False) -> Metrics:
-    """JSONL at ``<run_dir>/logs/<name>.jsonl`` (its earlier records kept when ``keep``), plus
-    TensorBoard at ``<run_dir>/tensorboard/<name>/`` when ``metrics.tensorboard``."""
-    url = storage.join(cfg.run_dir, "logs", f"{name}.jsonl")
-    jsonl = JsonlSink(url, keep=read_jsonl(url) if keep else None)
-    return Metrics([jsonl, *tensorboard_sinks(cfg, name)])
-
-
-def log_eval(metrics: Metrics, method: str, result) -> None:
-    """An EvalResult as scalars: ``eval/<method>/run_acc`` at step k for run k, and mean, std,
-    easy_acc, hard_acc and coverage at step 0 (accuracies in [0, 1])."""
-    for k, acc in enumerate(result.accuracies):
-        metrics.log(step=k, method=method, **{f"eval/{method}/run_acc": acc})
-    summary = {f"eval/{method}/{key}": getattr(result, key)
-               for key in ("mean", "std", "easy_acc", "hard_acc", "coverage")
-               if getattr(result, key) is not None}
-    metrics.log(step=0, method=method, **summary)
+def rewrite_metrics(cfg, name: str, records: list[dict]) -> None:
+    """Replace ``<run_dir>/logs/<name>.jsonl`` (and, with ``metrics.tensorboard``,
+    ``<run_dir>/tensorboard/<name>/``) by ``records``: for metrics derived from artifacts, which
+    are recomputed as a whole, so no value ever shows twice."""
+    sinks: list[Sink] = [JsonlSink(storage.join(cfg.run_dir, "logs", f"{name}.jsonl"))]
+    if cfg.metrics.tensorboard:
+        target = tensorboard_dir(cfg, name)
+        storage.remove(target)
+        sinks.append(TensorBoardSink(target))
+    metrics = Metrics(sinks)
+    for rec in records:
+        metrics.log(**rec)
+    metrics.close()
 
 
 class Metrics:

@@ -73,7 +73,7 @@ MATCH_PLAN = Stream("match_plan", 31, ("iteration",))
 MATCH_AUGMENT = Stream("match_augment", 32, ("iteration", "step"))
 # the distiller (distill/distiller.py): which expert and start epoch an iteration matches
 SEGMENT = Stream("segment", 41, ("iteration",))
-# the validation split of the window search and the tune trials (distill/baselines.py)
+# the validation split of the window search and the tune trials (distill/search.py)
 VALIDATION_SPLIT = Stream("validation_split", 51, ("class",))
 
 STREAMS: tuple[Stream, ...] = (

@@ -16,6 +16,7 @@ image's source index in the training set, so every method is saved in one format
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -134,14 +135,26 @@ def select_random(labels: np.ndarray, num_classes: int, ipc: int, alpha: float,
 
 
 def make_selection(init: str, *, scores: Scores | None, labels: np.ndarray, num_classes: int,
-                   ipc: int, beta: float, alpha: float, seed: int) -> Selection:
-    """Dispatch on ``select.init``."""
+                   ipc: int, beta: float, alpha: float, seed: int,
+                   pool: np.ndarray | None = None) -> Selection:
+    """Dispatch on ``select.init``. With ``pool`` (sorted training indices) the selection is
+    made among those samples only, in their own difficulty order, and the indices it returns
+    still refer to the whole training set (the searches select from the training set minus their
+    validation split: distill/search.py)."""
     if init not in INITS:
         raise ValueError(f"select.init must be one of {', '.join(INITS)}; got {init!r}")
+    if init != "random" and scores is None:
+        raise ValueError(f"select.init {init} needs difficulty scores; run `selmatch scores`")
+    labels = np.asarray(labels)
+    if pool is not None:
+        pool = np.asarray(pool)
+        sub = None if scores is None else Scores(scores.kind, np.asarray(scores.values)[pool],
+                                                 scores.hard_end, scores.source)
+        sel = make_selection(init, scores=sub, labels=labels[pool], num_classes=num_classes,
+                             ipc=ipc, beta=beta, alpha=alpha, seed=seed)
+        return dataclasses.replace(sel, source_index=torch.from_numpy(pool)[sel.source_index])
     if init == "random":
         return select_random(labels, num_classes, ipc, alpha, seed)
-    if scores is None:
-        raise ValueError(f"select.init {init} needs difficulty scores; run `selmatch scores`")
     if init == "topk":
         return select_topk(scores, labels, num_classes, ipc, alpha)
     return select_window(scores, labels, num_classes, ipc, beta, alpha)

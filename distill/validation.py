@@ -19,7 +19,7 @@ from distill import models as models_mod
 from distill.batching import resolve_config
 from distill.config import ConfigError, RunConfig
 from distill.imagefolder import MalformedFolderError
-from distill.methods import METHODS
+from distill.methods import CROP_FILLS, METHODS
 from distill.scores import SCORE_KINDS
 from distill.selection import INITS as SELECT_INITS
 from distill.selection import window_fits
@@ -101,7 +101,7 @@ RANGES: dict[str, Interval] = {
     "distill.max_image_ratio": Interval(1, lo_open=True),
     "distill.max_loss_ratio": Interval(1, lo_open=True),
     "distill.groups_per_call": _COUNT, "distill.group_ranks": _COUNT,
-    "eval.runs": _COUNT, "eval.epochs": _COUNT, "eval.lr": _POSITIVE, "eval.momentum": _MOMENTUM,
+    "eval.runs": _COUNT, "eval.epochs": _COUNT, "eval.width": _COUNT, "eval.depth": _COUNT, "eval.lr": _POSITIVE, "eval.momentum": _MOMENTUM,
     "eval.weight_decay": _NON_NEGATIVE, "eval.batch_size": _COUNT,
     "eval.num_cpus": _NON_NEGATIVE, "eval.num_gpus": _NON_NEGATIVE,
     "tune.beta_step": _SHARE, "tune.alpha_step": _SHARE, "tune.beta_epoch_fraction": _SHARE,
@@ -150,6 +150,9 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     _choice(problems, "model.name", cfg.model.name, models)
     _choice(problems, "model.norm", cfg.model.norm, models_mod.NORMS)
     _choice(problems, "eval.model", cfg.eval.model, models)
+    if cfg.eval.norm is not None:
+        _choice(problems, "eval.norm", cfg.eval.norm, models_mod.NORMS)
+    _choice(problems, "eval.crop_fill", cfg.eval.crop_fill, CROP_FILLS)
 
     ex = cfg.experts
     _choice(problems, "experts.augment", ex.augment, list(TRAINING_AUGMENTS))

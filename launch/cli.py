@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from distill.config import ConfigError
 from distill.config_io import load_config
-from launch.exits import run_guarded
+from launch.exits import arguments_text, run_guarded
 
 # name -> (help, "module:function"); the handler is imported only when its command runs, so that
 # `selmatch --help` stays fast and Ray/DeepSpeed are imported only by the commands that use them.
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = _load(COMMANDS[args.command][1])
-    return run_guarded(f"selmatch {args.command}", lambda: handler(args, overrides))
+    return run_guarded(f"selmatch {args.command}", lambda: handler(args, overrides),
+                       arguments=arguments_text(getattr(args, "config", None), overrides))
 
 
 if __name__ == "__main__":

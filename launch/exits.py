@@ -18,11 +18,13 @@ traceback of a mapped exception is logged too.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from distill.config import ConfigError
+from distill.prerequisites import MissingStagesError
 from distill.runtime import DivergedRanksError
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,19 @@ def exit_status(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def run_guarded(prog: str, work: Callable[[], int | None]) -> int:
+def arguments_text(config: str | None, overrides: list[str]) -> str | None:
+    """The user's ``--config F`` and dotted overrides as one shell-quoted string (for the
+    commands a message tells them to run next)."""
+    if config is None:
+        return None
+    return " ".join(shlex.quote(a) for a in ["--config", config, *overrides])
+
+
+def run_guarded(prog: str, work: Callable[[], int | None], *,
+                arguments: str | None = None) -> int:
     """``work()``'s status (None = 0); a mapped exception becomes ``<prog>: <message>`` on stderr
-    and its exit status, anything else propagates with its traceback."""
+    and its exit status, anything else propagates with its traceback. ``arguments`` (the user's
+    ``--config F`` and overrides) complete the commands of a missing-stages message."""
     try:
         return int(work() or 0)
     except BaseException as err:
@@ -63,6 +75,8 @@ def run_guarded(prog: str, work: Callable[[], int | None]) -> int:
         if mapped is None:
             raise
         status, message = mapped
+        if isinstance(err, MissingStagesError):
+            message = err.render(arguments)
         log.debug("%s failed", prog, exc_info=err)
         print(f"{prog}: {message}", file=sys.stderr)
         return status

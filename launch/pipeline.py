@@ -26,7 +26,9 @@ from distill.config_io import dump_yaml, load_config, repetitions, save_config
 from distill.data import load_configured
 from distill.preflight import log_summary
 from distill.runtime import device_for
-from distill.methods import DISTILLED, METHODS, chosen, synsets_needed
+from distill.data import flip_invariant
+from distill.methods import DISTILLED, METHODS, chosen, eval_network, flip_for, synsets_needed
+from distill.prerequisites import require_stages
 from distill.report import write_report
 from distill.scores import load_scores
 from distill.trajectories import ExpertStore
@@ -54,9 +56,19 @@ def _notes(cfg: RunConfig, ds, window: dict | None) -> list[str]:
              f"distillation iterations per distilled set, {cfg.experts.num_experts} experts × "
              f"{cfg.experts.epochs} epochs (shared by every row and seed), repetition seeds "
              f"{', '.join(map(str, seeds))}, device {device_for()}."]
+    net = eval_network(cfg)
+    arch = (f"ConvNet width {net['width']}, depth {net['depth'] or 'default'}, {net['norm']} norm"
+            if cfg.eval.model == "convnet" else f"{cfg.eval.model}, {net['norm']} norm")
+    notes.append(f"Evaluation network: {arch}; crop + flip of real rows "
+                 f"{'flips' if flip_for(cfg) else 'does not flip'} ({cfg.data.name} is "
+                 f"{'' if flip_invariant(cfg.data.name) else 'not '}flip-invariant"
+                 f"{'; eval.flip overrides' if cfg.eval.flip is not None else ''}), "
+                 f"{cfg.eval.crop_fill} crop fill.")
     if window is not None:
-        notes.append(f"Oracle window: β = {window['best_beta']:g} from the window search "
-                     f"({window.get('augment', '?')} augmentation, validation split).")
+        notes.append(f"Best window (validation β): β = {window['best_beta']:g} from the window "
+                     f"search ({window.get('augment', '?')} augmentation, "
+                     f"{window['validation_size']} validation images held out of every "
+                     f"candidate's pool).")
     for key, entry in sorted(manifest["experts"].items(), key=lambda kv: int(kv[0])):
         if int(key) < cfg.experts.num_experts and at_chance(entry):
             notes.append(f"**WARNING: expert {key} ended at chance accuracy** "
@@ -94,8 +106,9 @@ def run_pipeline(cfg: RunConfig, *, workers: int | None = None, ray_address: str
 
 
 def cmd_window(args, overrides: list[str]) -> int:
-    """``selmatch window``: the β grid search and the oracle-window set at the best β."""
+    """``selmatch window``: the β grid search and the best-window set at the chosen β."""
     cfg = load_config(args.config, overrides)
+    require_stages(cfg, "window")
     storage.check_writable(cfg.run_dir)
     ds = load_configured(cfg.data)
     scores = load_scores(cfg.run_dir, cfg.scores.kind)  # checked before anything is written
@@ -113,6 +126,7 @@ def cmd_window(args, overrides: list[str]) -> int:
 def cmd_evaluate(args, overrides: list[str]) -> int:
     """``selmatch evaluate``: evaluate every chosen row whose set is present in ``synset/``."""
     cfg = load_config(args.config, overrides)
+    require_stages(cfg, "evaluate")
     names = [m for m in chosen(cfg) if storage.exists(
         storage.join(cfg.run_dir, "synset", f"{METHODS[m].synset}.pt"))]
     if not names:

@@ -22,6 +22,7 @@ from distill.config import RunConfig
 from distill.config_io import load_config, save_config
 from distill.data import load_configured
 from distill.freshness import is_fresh, stamp
+from distill.prerequisites import require_stages
 from distill.scores import SCORE_KINDS, Scores, compute_scores, save_scores
 from distill.trajectories import ExpertStore
 
@@ -78,5 +79,7 @@ def topk_config(cfg: RunConfig) -> RunConfig:
 
 
 def cmd_scores(args, overrides: list[str]) -> int:
-    run_scores(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    require_stages(cfg, "scores")
+    run_scores(cfg)
     return 0

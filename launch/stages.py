@@ -15,20 +15,21 @@ from __future__ import annotations
 import logging
 
 from distill import storage
-from distill.baselines import baseline_set, window_search
+from distill.baselines import baseline_set
 from distill.config import RunConfig
 from distill.data import Dataset
 from distill.distiller import result_stamp, run_distill
-from distill.evaluate import Reference
+from distill.evaluate import ImageSet, Reference
 from distill.experts import expert_network
 from distill.freshness import is_fresh, stamp
-from distill.methods import METHODS, augment_for, distill_config
-from distill.metrics import log_eval, run_metrics
+from distill.methods import METHODS, augment_for, crop_fill_for, distill_config, eval_network, flip_for
+from distill.report import write_eval_metrics
 from distill.runtime import device_for
-from distill.scores import load_scores, scores_digest
+from distill.scores import load_scores, scores_digest, scores_exist
+from distill.search import window_search
 from distill.synset import load_synset
 from distill.trajectories import ExpertStore
-from launch.evaluate import ImageSet, evaluate_sets
+from launch.evaluate import evaluate_sets
 from launch.scores import topk_config
 
 log = logging.getLogger(__name__)
@@ -53,19 +54,35 @@ def _stored_stamp(url: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+def _topk_scores(base: RunConfig):
+    """The top-k row's scores when they differ from the windows' and exist (the window search
+    scores them as a reference point), else None."""
+    tk = topk_config(base)
+    if tk.scores.kind == base.scores.kind or not scores_exist(base.run_dir, tk.scores.kind):
+        return None, None
+    return load_scores(base.run_dir, tk.scores.kind), scores_digest(base.run_dir, tk.scores.kind)
+
+
 def stage_window(base: RunConfig, ds: Dataset) -> dict:
     url = storage.join(base.run_dir, "window", "results.json")
-    want = stamp(base, "window", inputs={"scores": scores_digest(base.run_dir, base.scores.kind)},
-                 extra={"augment": augment_for("window", base)})
+    topk, topk_digest = _topk_scores(base)
+    inputs = {"scores": scores_digest(base.run_dir, base.scores.kind)}
+    if topk_digest is not None:
+        inputs["topk_scores"] = topk_digest
+    want = stamp(base, "window", inputs=inputs,
+                 extra={"augment": augment_for("window", base), "search": "distill.search v1"})
     if storage.exists(url) and is_fresh(storage.read_json(url).get("stamp"), want):
         log.info("window search: present and fresh, skipped")
         return storage.read_json(url)
     result = window_search(base, ds, load_scores(base.run_dir, base.scores.kind),
-                           device=device_for())
+                           topk_scores=topk, device=device_for())
     result["stamp"] = want
     storage.write_json(url, result)
-    log.info("window search: best beta %.3g (validation accuracy %s)", result["best_beta"],
+    log.info("window search on %d validation images: chose beta %.3g (validation accuracy %s)",
+             result["validation_size"], result["best_beta"],
              ", ".join(f"{a:.3f}" for a in result["val_accuracy"]))
+    for w in result["decision"]["warnings"]:
+        log.warning("window search: %s", w)
     return result
 
 
@@ -141,9 +158,11 @@ def stage_evaluate(items: list[tuple[RunConfig, str]], base: RunConfig, ds: Data
         synset_url = _synset_url(rep.run_dir, method.synset)
         out = storage.join(rep.run_dir, "eval", f"{name}.json")
         augment = augment_for(name, rep)
+        real = {"flip": flip_for(rep), "crop_fill": crop_fill_for(rep)} \
+            if augment in ("simple", "combined") else {}
         want = stamp(rep, "evaluate", inputs={"synset": storage.sha256(synset_url)[:16],
                                               "reference": ExpertStore(base).digest()},
-                     extra={"augment": augment})
+                     extra={"augment": augment, **real, "network": eval_network(rep)})
         if storage.exists(out):
             record = storage.read_json(out)
             if is_fresh(record.get("stamp"), want):
@@ -152,25 +171,23 @@ def stage_evaluate(items: list[tuple[RunConfig, str]], base: RunConfig, ds: Data
                 continue
         synset, state = load_synset(rep.run_dir, method.synset)
         stale[rep.seed, name] = (rep, synset, state.get("meta", {}), want, out, augment)
-    if not stale:
-        return records
-    sets = {key: ImageSet(synset.images().detach(), synset.labels, synset.is_distilled,
-                          augment=augment, seed=rep.seed)
-            for key, (rep, synset, _, _, _, augment) in stale.items()}
-    results = evaluate_sets(base, ds, sets, reference=reference.get(), workers=workers,
-                            ray_address=ray_address)
-    metrics = run_metrics(base, "eval", keep=True)
-    for key, res in results.items():
-        rep, synset, meta, want, out, augment = stale[key]
-        name = key[1]
-        record = {**res.to_dict(), "method": name, "synset": METHODS[name].synset,
-                  "seed": rep.seed, "stamp": want, "n_distilled": int(synset.is_distilled.sum()),
-                  "score": meta.get("score"), "iterations": meta.get("iterations"),
-                  "alpha": meta.get("alpha"), "beta": meta.get("beta")}
-        storage.write_json(out, record)
-        log_eval(metrics, name if rep.seed == base.seed else f"{name}_seed{rep.seed}", res)
-        log.info("evaluate %s (seed %d, %s): %.2f ± %.2f %% over %d runs", name, rep.seed,
-                 augment, 100 * res.mean, 100 * res.std, res.runs)
-        records[key] = record
-    metrics.close()
+    if stale:
+        sets = {key: ImageSet(synset.images().detach(), synset.labels, synset.is_distilled,
+                              augment=augment, seed=rep.seed)
+                for key, (rep, synset, _, _, _, augment) in stale.items()}
+        results = evaluate_sets(base, ds, sets, reference=reference.get(), workers=workers,
+                                ray_address=ray_address)
+        for key, res in results.items():
+            rep, synset, meta, want, out, augment = stale[key]
+            name = key[1]
+            record = {**res.to_dict(), "method": name, "synset": METHODS[name].synset,
+                      "seed": rep.seed, "stamp": want,
+                      "n_distilled": int(synset.is_distilled.sum()), "score": meta.get("score"),
+                      "iterations": meta.get("iterations"), "alpha": meta.get("alpha"),
+                      "beta": meta.get("beta")}
+            storage.write_json(out, record)
+            log.info("evaluate %s (seed %d, %s): %.2f ± %.2f %% over %d runs", name, rep.seed,
+                     augment, 100 * res.mean, 100 * res.std, res.runs)
+            records[key] = record
+    write_eval_metrics(base)  # logs/eval.jsonl (and TensorBoard): every seed, pooled as reported
     return records

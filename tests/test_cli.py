@@ -109,7 +109,7 @@ def test_window_and_evaluate_commands(tmp_path, capsys):
     record = storage.read_json(f"{tmp_path}/eval/window.json")
     assert record["runs"] == 1 and record["epochs"] == 2 and record["coverage"] is not None
     assert main(["evaluate", "--config", str(path), "--run_dir", str(tmp_path / "empty")]) == 2
-    assert "no synthetic sets" in capsys.readouterr().err
+    assert "missing earlier stages (3) of selmatch evaluate" in capsys.readouterr().err
 
 
 def test_diverged_distillation_exits_1_with_message(tmp_path, capsys, monkeypatch):

@@ -18,7 +18,6 @@ from distill.evaluate import (
     Reference,
     coverage,
     eval_epochs,
-    evaluate_config,
     evaluate_images,
     nn_radius,
     train_network,
@@ -117,9 +116,9 @@ def _record_augment_rows(monkeypatch) -> dict[str, list[torch.Tensor]]:
         seen["dsa"].append(x.detach().clone())
         return real_dsa_call(self, x, generator)
 
-    def simple(x, generator):
+    def simple(x, generator, **kw):
         seen["simple"].append(x.detach().clone())
-        return real_simple(x, generator)
+        return real_simple(x, generator, **kw)
 
     monkeypatch.setattr(augment_mod.DSA, "__call__", dsa_call)
     monkeypatch.setattr(augment_mod, "simple_augment", simple)
@@ -263,20 +262,38 @@ def test_evaluate_images_rejects_foreign_reference(synthetic, reference):
                         epochs=1, runs=1, reference=reference, progress=False)
 
 
-def test_evaluate_config_fills_settings(monkeypatch, synthetic):
+def test_evaluate_sets_takes_every_setting_from_the_config(monkeypatch, synthetic):
+    """The pipeline's one evaluation path fills the network, optimiser, epochs, runs, seed and
+    the crop + flip of real rows from the run config (the searches call the same run_set)."""
+    import dataclasses
+
+    from distill.config_io import from_dict
+
     calls = []
-    monkeypatch.setattr(ev, "evaluate_images", lambda *a, **kw: calls.append(kw))
-    cfg = EvalConfig(model="vgg11", runs=4, epochs=None, lr=0.05, momentum=0.8,
-                     weight_decay=1e-4, batch_size=64, augment="simple")
+    monkeypatch.setattr(ev, "run_correct", lambda *a, **kw: (calls.append(kw),
+                                                               torch.zeros(30, dtype=bool))[1])
+    cfg = from_dict({"data": {"name": "synthetic"}, "model": {"width": 16, "depth": 2},
+                     "eval": {"model": "convnet", "runs": 4, "lr": 0.05, "momentum": 0.8,
+                              "weight_decay": 1e-4, "batch_size": 64, "augment": "simple"},
+                     "seed": 7}, check=False)
     images = synthetic.x_train[:18]  # 18 / 60 = 30% of the training set -> 167 epochs
-    evaluate_config(images, synthetic.y_train[:18], synthetic, cfg, seed=7)
-    evaluate_config(images, synthetic.y_train[:18], synthetic, cfg, runs=1, epochs=3)
-    cfg.epochs = 11
-    evaluate_config(images, synthetic.y_train[:18], synthetic, cfg)
+    sets = {"a": ev.ImageSet(images, synthetic.y_train[:18], None)}
+    res = ev.evaluate_sets(cfg, synthetic, sets, progress=False)["a"]
+    assert len(calls) == 4 and [c["run"] for c in calls] == [0, 1, 2, 3]
     first = calls[0]
-    assert (first["model"], first["epochs"], first["runs"], first["augment"], first["seed"]) == (
-        "vgg11", 167, 4, "simple", 7)
+    assert (first["model"], first["epochs"], first["augment"], first["seed"]) == (
+        "convnet", 167, "simple", 7)
     assert (first["lr"], first["momentum"], first["weight_decay"], first["batch_size"]) == (
         0.05, 0.8, 1e-4, 64)
-    assert (calls[1]["runs"], calls[1]["epochs"]) == (1, 3)
-    assert calls[2]["epochs"] == 11
+    assert (first["width"], first["depth"], first["norm"]) == (16, 2, "batch")  # the model's
+    assert first["real"].flip is False  # synthetic data is not flip-invariant
+    assert torch.allclose(first["real"].fill, torch.tensor([-m / s for m, s in zip(
+        synthetic.info.mean, synthetic.info.std)]))  # black: pixel 0
+    assert (res.width, res.depth, res.flip, res.crop_fill) == (16, 2, False, "black")
+    calls.clear()
+    other = dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, model="resnet18", epochs=11, flip=True, crop_fill="mean", augment="dsa"))
+    res = ev.evaluate_sets(other, synthetic, sets, progress=False)["a"]
+    assert calls[0]["epochs"] == 11 and (calls[0]["width"], calls[0]["norm"]) == (128, "batch")
+    assert calls[0]["real"].flip is True and calls[0]["real"].fill is None
+    assert res.flip is None and res.crop_fill is None  # DSA has no crop + flip part

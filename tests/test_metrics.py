@@ -70,7 +70,7 @@ def test_distill_and_evaluate_write_event_files(tmp_path, capsys):
     logged = read_jsonl(f"{tmp_path}/logs/distill_selmatch.jsonl")
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     got = scalars(tmp_path / "tensorboard" / "distill_selmatch")
-    for key in ("loss", "syn_lr", "image_steps_per_s", "peak_mem_mib"):
+    for key in ("loss", "syn_lr", "image_steps_per_s", "peak_rss_mib"):
         assert [s for s, _ in got[key]] == [1, 2, 3, 4], key
         assert [v for _, v in got[key]] == pytest.approx([r[key] for r in logged], rel=1e-6)
     # evaluation: per-run and summary accuracies
@@ -135,3 +135,35 @@ def test_jsonl_kept_beside_tensorboard(tmp_path):
     m.close()
     assert read_jsonl(str(tmp_path / "a.jsonl")) == [{"step": 1, "loss": 2.0}]
     assert os.listdir(tmp_path / "tb")
+
+
+def test_every_seed_under_one_logdir_and_the_pooled_numbers_the_report_shows(tmp_path):
+    """A repetition seed's curves live under the run's tensorboard/ (seed_<s>/...), and
+    tensorboard/eval holds the pooled accuracies of results.json, once each however often the
+    evaluation is redone."""
+    import dataclasses
+    import json
+
+    from launch.pipeline import run_pipeline
+    from tiny import prepare, tiny_config
+
+    cfg = prepare(tiny_config(tmp_path, seed=2, metrics={"tensorboard": True},
+                              eval={"model": "convnet", "runs": 2, "epochs": 2,
+                                    "methods": ["random", "selmatch"]},
+                              distill={"iterations": 2}))
+    cfg = dataclasses.replace(cfg, seeds=[2, 3])
+    run_pipeline(cfg, workers=0)
+    assert (tmp_path / "tensorboard" / "distill_selmatch").is_dir()
+    assert (tmp_path / "tensorboard" / "seed_3" / "distill_selmatch").is_dir()
+    assert not (tmp_path / "seeds" / "3" / "tensorboard").exists()
+    results = json.loads((tmp_path / "results.json").read_text())
+    run_pipeline(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, runs=1)),
+                 workers=0)  # re-evaluated: the event files are rewritten, not appended to
+    results = json.loads((tmp_path / "results.json").read_text())
+    ev = scalars(tmp_path / "tensorboard" / "eval")
+    for name, row in results["methods"].items():
+        assert ev[f"eval/{name}/mean"] == [(0, pytest.approx(row["mean"]))]
+        assert ev[f"eval/{name}/std"] == [(0, pytest.approx(row["std"]))]
+        assert [v for _, v in ev[f"eval/{name}/run_acc"]] == pytest.approx(row["values"])
+    logged = [r for r in read_jsonl(f"{tmp_path}/logs/eval.jsonl") if "eval/random/mean" in r]
+    assert len(logged) == 1 and logged[0]["eval/random/mean"] == results["methods"]["random"]["mean"]

@@ -310,7 +310,8 @@ def test_download_without_network(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    rc, err = run_cli(capsys, "scores", "--config", QUICK, "--run_dir", str(tmp_path / "r"),
+    rc, err = run_cli(capsys, "experts", "--workers", "0", "--config", QUICK,
+                      "--run_dir", str(tmp_path / "r"),
                       "--data.name", "cifar10", "--data.root", str(tmp_path / "data"),
                       "--data.download", "true", "--select.ipc", "10")
     assert rc == 2

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from distill import storage
-from distill.baselines import make_grid, validation_split
+from distill.search import make_grid, validation_split
 from distill.config import ConfigError
 from distill.config_io import load_config
 from distill.data import load_configured
@@ -20,7 +20,7 @@ from distill.scores import load_scores
 from tiny import prepare, tiny_config
 from tune.main import TrialLog, _run_local, run_tune, selected_overrides
 from tune.search import HillClimb
-from tune.trials import TrialContext, feasible_beta
+from distill.search import SearchContext, feasible_beta
 
 GRID = make_grid(0.0, 1.0, 0.1)  # 11 values, start 0.5
 
@@ -247,7 +247,7 @@ def prepared(tmp_path_factory):
 
 
 def test_validation_split_is_stratified_disjoint_seeded_and_shared_with_window(prepared):
-    from distill.baselines import validation_index
+    from distill.search import validation_index
 
     ds = load_configured(prepared.data)
     pool, val = validation_split(ds, 0.1, seed=3)
@@ -258,11 +258,11 @@ def test_validation_split_is_stratified_disjoint_seeded_and_shared_with_window(p
 
 
 def test_window_search_and_trials_share_the_epoch_rule_and_the_grid(prepared):
-    """One rule each (distill/baselines.py): the window search rounded its short epochs with
+    """One rule each (distill/search.py): the window search rounded its short epochs with
     round() (2.5 -> 2) while the trials rounded half up (-> 3); both round half up now."""
     import dataclasses
 
-    from distill.baselines import beta_grid, epoch_fraction, search_epochs
+    from distill.search import beta_grid, epoch_fraction, search_epochs
 
     cfg = dataclasses.replace(prepared, eval=dataclasses.replace(prepared.eval, epochs=5),
                               tune=dataclasses.replace(prepared.tune, beta_epoch_fraction=0.5,
@@ -278,7 +278,7 @@ def test_window_search_and_trials_share_the_epoch_rule_and_the_grid(prepared):
 
 def test_trial_windows_never_contain_validation_images(prepared):
     ds = load_configured(prepared.data)
-    ctx = TrialContext(prepared, ds, load_scores(prepared.run_dir, "forgetting"))
+    ctx = SearchContext(prepared, ds, load_scores(prepared.run_dir, "forgetting"))
     assert len(ctx.val) == 30 and ctx.pool_sizes == [27] * 10  # 3 of 30 per class held out
     assert ctx.beta_values() == [0.0, 0.2, 0.4, 0.6, 0.8]
     assert not feasible_beta(0.9, ipc=4, pool_sizes=ctx.pool_sizes, min_class_size=30)

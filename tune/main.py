@@ -7,21 +7,24 @@
     python -m tune --config configs/quickstart.yaml --tune.alpha_iterations 20   # CPU smoke run
                                                    # (default: tune.alpha_fraction of distill.iterations)
 
-Needs the run's experts and scores (``selmatch experts``, ``selmatch scores``). Writes, under
-``<run_dir>/tune/``:
+Needs the run's experts and scores (``selmatch experts``, ``selmatch scores``; a missing one is
+named with the command that makes it). Writes, under ``<run_dir>/tune/``:
 
     beta/trials.jsonl, alpha/trials.jsonl   one line per finished trial (value, val_acc, status,
-                                            epochs, seconds, error), rewritten atomically
-    alpha/trials/alpha_<a>/                 each α trial's distillation (checkpoint, log)
+                                            epochs, seconds, error, the validation images each
+                                            network got right), rewritten atomically
+    alpha/trials/alpha_<a>/                 each α trial's distillation (a run directory)
     selected.yaml                           the choice as a config overlay (select.beta,
-                                            distill.alpha)
+                                            distill.alpha); its header names the validation
+                                            split and repeats every warning of the decision
     beta.png, alpha.png                     metric vs value, failed trials marked
-    summary.json                            trials run vs grid size, best values, seconds
+    summary.json                            trials run vs grid size, the decisions, seconds
 
-Trials are scored on a validation split of the training set, never on the test set (see
-tune/trials.py). Running the same command again reuses the finished trials of ``trials.jsonl``
-(the failed ones are retried) when the settings that change a trial's metric are unchanged.
-Apply the choice with ``selmatch distill --config F --select.beta B --distill.alpha A``
+Trials are scored on the run's validation split, never on the test set, and a choice that is not
+better than the other values beyond the noise is a warning with the tie rule applied
+(distill/search.py). Running the same command again reuses the finished trials of
+``trials.jsonl`` (the failed ones are retried) when the settings that change a trial's metric are
+unchanged. Apply the choice with ``selmatch distill --config F --select.beta B --distill.alpha A``
 (:func:`selected_overrides` returns those overrides).
 """
 
@@ -41,17 +44,18 @@ from collections.abc import Callable
 import yaml
 
 from distill import storage
-from distill.baselines import make_grid
 from distill.config import ConfigError, RunConfig
 from distill.config_io import load_config, save_config
 from distill.data import load_configured
-from distill.methods import augment_for
 from distill.freshness import stamp
+from distill.methods import augment_for, flip_for
 from distill.metrics import JsonlSink, read_jsonl
+from distill.prerequisites import require_stages
 from distill.scores import load_scores
-from launch.exits import run_guarded
+from distill.search import Decision, Point, SearchContext, decide, make_grid
+from launch.exits import arguments_text, run_guarded
 from tune.search import HillClimb
-from tune.trials import METRIC, TrialContext, alpha_trial, alpha_trial_iterations, beta_trial
+from tune.trials import METRIC, alpha_trial, alpha_trial_iterations, beta_trial
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +69,10 @@ def trial_stamp(cfg: RunConfig, kind: str, beta: float | None = None) -> str:
     """The freshness stamp (distill/freshness.py, stage ``beta_trial``/``alpha_trial``) of what
     a trial's metric depends on, stored as each record's ``settings``; trials recorded under
     another stamp are redone."""
-    extra = {"split": "baselines.validation_index, pool = the rest",  # bump if the split changes
-             "augment": augment_for("window" if kind == "beta" else "selmatch", cfg)}
+    augment = augment_for("window" if kind == "beta" else "selmatch", cfg)
+    extra = {"split": "search.validation_index, pool = the rest",  # bump if the split changes
+             "records": "per-image correctness",  # trials recorded before could not be compared
+             "augment": augment, "flip": flip_for(cfg) if augment != "dsa" else None}
     if kind == "alpha":
         extra.update(beta=beta, iterations=alpha_trial_iterations(cfg))
     return stamp(cfg, f"{kind}_trial", extra=extra)
@@ -134,7 +140,8 @@ def _run_local(climb: HillClimb, fn: Callable[[float], dict], on_complete) -> No
 
 def run_search(cfg: RunConfig, kind: str, climb: HillClimb, fn: Callable[[float], dict], *,
                settings: str, use_ray: bool, constants: dict | None = None) -> dict:
-    """Replay, run the rest of ``climb``, and return its summary (with reused/new counts)."""
+    """Replay, run the rest of ``climb``, and return its summary (with reused/new counts; the
+    choice is :func:`decision`'s, made from the trial records)."""
     trials = TrialLog(storage.join(tune_dir(cfg), kind, "trials.jsonl"), settings)
     reused = trials.replay(climb)
     log.info("%s search: grid %s, start %g, %d trial(s) reused", kind, climb.grid,
@@ -151,7 +158,7 @@ def run_search(cfg: RunConfig, kind: str, climb: HillClimb, fn: Callable[[float]
     else:
         _run_local(climb, fn, trials.record)
     summary = {**climb.summary(), "reused": reused, "new_trials": len(climb.history) - reused,
-               "seconds": round(time.perf_counter() - t0, 1)}
+               "seconds": round(time.perf_counter() - t0, 1), "records": list(trials.sink.records)}
     if not summary["finished"]:
         raise RuntimeError(f"the {kind} search stopped before the climb finished (Ray ended "
                            f"with trials outstanding); run the command again to continue")
@@ -182,7 +189,7 @@ def alpha_trial_dir(cfg: RunConfig, alpha: float) -> str:
     return storage.join(tune_dir(cfg), "alpha", "trials", f"alpha_{alpha:.4f}")
 
 
-def _alpha_fn(alpha: float, *, ctx: TrialContext, beta: float) -> dict:
+def _alpha_fn(alpha: float, *, ctx: SearchContext, beta: float) -> dict:
     return alpha_trial(ctx, alpha, beta=beta, trial_dir=alpha_trial_dir(ctx.cfg, alpha))
 
 
@@ -191,7 +198,7 @@ def _alpha_fn(alpha: float, *, ctx: TrialContext, beta: float) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def beta_climb(cfg: RunConfig, ctx: TrialContext) -> HillClimb:
+def beta_climb(cfg: RunConfig, ctx: SearchContext) -> HillClimb:
     values = ctx.beta_values()
     if not values:
         raise ConfigError([f"no beta in steps of tune.beta_step {cfg.tune.beta_step:g} fits "
@@ -235,19 +242,35 @@ def plot_search(kind: str, history: list[dict], grid: list[float], best: float, 
     storage.write_bytes(url, buf.getvalue())
 
 
-def write_selected(cfg: RunConfig, beta: float, alpha: float) -> str:
-    """``selected.yaml``: the two chosen values as a config overlay."""
+def decision(kind: str, climb: HillClimb, records: list[dict], ctx: SearchContext) -> Decision:
+    """The search's choice by distill/search.py's rule, from this search's trial records."""
+    points = {r["value"]: Point.from_record(r) for r in records if r.get("status") == "ok"}
+    return decide(points, start=climb.grid[climb.start], chance=ctx.chance, kind=kind)
+
+
+def write_selected(cfg: RunConfig, beta: Decision, alpha: Decision, split: dict) -> str:
+    """``selected.yaml``: the two chosen values as a config overlay; the header says how they
+    were chosen, on which validation split, and repeats every warning."""
     url = storage.join(tune_dir(cfg), "selected.yaml")
     iters = alpha_trial_iterations(cfg)
     budget = (f"tune.alpha_iterations = {iters}" if cfg.tune.alpha_iterations is not None else
               f"tune.alpha_fraction {cfg.tune.alpha_fraction:g} x distill.iterations "
               f"{cfg.distill.iterations}")
-    header = (f"# selmatch tune: chosen on validation accuracy ({cfg.tune.val_fraction:g} of each "
-              f"class held out of training),\n# never on the test set. Apply with --select.beta "
-              f"{beta:g} --distill.alpha {alpha:g}\n"
-              f"# alpha trials: {iters} distillation iterations each ({budget}; "
-              f"bench/results/alpha_budget.md measures the choice)\n")
-    body = yaml.safe_dump({"select": {"beta": beta}, "distill": {"alpha": alpha}},
+    lines = [f"selmatch tune: chosen on validation accuracy, never on the test set. Apply with "
+             f"--select.beta {beta.value:g} --distill.alpha {alpha.value:g}",
+             f"validation split: {split['validation_size']} training images "
+             f"({split['validation_fraction']:g} of each class, drawn from seed "
+             f"{split['validation_seed']}), held out of every trial's pool of "
+             f"{split['pool_size']}; {split['runs_per_point']} network(s) per trial",
+             f"alpha trials: {iters} distillation iterations each ({budget}; "
+             f"bench/results/alpha_budget.md measures the choice)",
+             f"rule: {beta.rule}"]
+    for d in (beta, alpha):
+        lines.append(f"{d.kind}: chose {d.value:g} ({100 * d.metric:.2f}%); best {d.best:g}; "
+                     f"tied with the best: {', '.join(f'{v:g}' for v in d.tied)}")
+        lines += [f"WARNING: {w}" for w in d.warnings]
+    header = "".join(f"# {line}\n" for line in lines)
+    body = yaml.safe_dump({"select": {"beta": beta.value}, "distill": {"alpha": alpha.value}},
                           sort_keys=False)
     storage.write_text(url, header + body)
     return url
@@ -265,14 +288,15 @@ def _records(cfg: RunConfig, kind: str) -> list[dict]:
 
 
 def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = True) -> dict:
-    """β search, then α search at the best β; writes selected.yaml, plots, summary.json."""
+    """β search, then α search at the chosen β; writes selected.yaml, plots, summary.json."""
     local = _local_path(cfg.run_dir)
     if local is not None:  # Ray runs trials in their own working directory
         cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(local))
+    require_stages(cfg, "tune")
     storage.check_writable(cfg.run_dir)
     ds = load_configured(cfg.data)
     scores = load_scores(cfg.run_dir, cfg.scores.kind)
-    ctx = TrialContext(cfg, ds, scores)
+    ctx = SearchContext(cfg, ds, scores)
     save_config(cfg)
     started = False
     if use_ray:
@@ -284,35 +308,41 @@ def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = 
         climb = beta_climb(cfg, ctx)
         beta_sum = run_search(cfg, "beta", climb, functools.partial(beta_trial, ctx),
                               settings=trial_stamp(cfg, "beta"), use_ray=use_ray)
-        beta = beta_sum["best_value"]
+        beta = decision("beta", climb, beta_sum.pop("records"), ctx)
         climb = alpha_climb(cfg)
         alpha_sum = run_search(cfg, "alpha", climb,
-                               functools.partial(_alpha_fn, ctx=ctx, beta=beta),
-                               settings=trial_stamp(cfg, "alpha", beta), use_ray=use_ray,
-                               constants={"beta": beta})
+                               functools.partial(_alpha_fn, ctx=ctx, beta=beta.value),
+                               settings=trial_stamp(cfg, "alpha", beta.value), use_ray=use_ray,
+                               constants={"beta": beta.value})
+        alpha = decision("alpha", climb, alpha_sum.pop("records"), ctx)
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    alpha = alpha_sum["best_value"]
     out = tune_dir(cfg)
-    for kind, summ in (("beta", beta_sum), ("alpha", alpha_sum)):
-        plot_search(kind, _records(cfg, kind), summ["grid"], summ["best_value"],
+    for kind, summ, dec in (("beta", beta_sum, beta), ("alpha", alpha_sum, alpha)):
+        summ["decision"] = dec.to_dict()
+        plot_search(kind, _records(cfg, kind), summ["grid"], dec.value,
                     storage.join(out, f"{kind}.png"))
+    split = ctx.describe()
     summary = {"beta": beta_sum, "alpha": alpha_sum,
-               "selected": {"select.beta": beta, "distill.alpha": alpha},
+               "selected": {"select.beta": beta.value, "distill.alpha": alpha.value},
                "metric": f"{METRIC} on the validation split (tune.val_fraction "
                          f"{cfg.tune.val_fraction:g})",
-               "n_val": len(ctx.val), "ray": use_ray, "seconds": round(time.perf_counter() - t0, 1),
-               "selected_yaml": write_selected(cfg, beta, alpha)}
+               "n_val": len(ctx.val), "split": split, "ray": use_ray,
+               "seconds": round(time.perf_counter() - t0, 1),
+               "warnings": beta.warnings + alpha.warnings,
+               "selected_yaml": write_selected(cfg, beta, alpha, split)}
     storage.write_json(storage.join(out, "summary.json"), summary)
-    for kind in ("beta", "alpha"):
+    for kind, dec in (("beta", beta), ("alpha", alpha)):
         s = summary[kind]
-        log.info("%s: %d of %d grid values tried (%d reused, %d failed), best %g (%s %.4f)",
-                 kind, s["trials"], s["grid_size"], s["reused"], s["failed"], s["best_value"],
-                 METRIC, s["best_metric"])
-    log.info("selected select.beta %g, distill.alpha %g -> %s", beta, alpha,
+        log.info("%s: %d of %d grid values tried (%d reused, %d failed), chose %g (%s %.4f; "
+                 "best %g)", kind, s["trials"], s["grid_size"], s["reused"], s["failed"],
+                 dec.value, METRIC, dec.metric, dec.best)
+        for w in dec.warnings:
+            log.warning("%s", w)
+    log.info("selected select.beta %g, distill.alpha %g -> %s", beta.value, alpha.value,
              summary["selected_yaml"])
     return summary
 
@@ -338,4 +368,5 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
-    return run_guarded("tune", lambda: cmd_tune(args, overrides))  # exits: launch/exits.py
+    return run_guarded("tune", lambda: cmd_tune(args, overrides),  # exits: launch/exits.py
+                       arguments=arguments_text(args.config, overrides))
