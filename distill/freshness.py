@@ -36,6 +36,9 @@ class StageFields:
 
 
 _RESOURCES = ("experts.num_cpus", "experts.num_gpus")
+# how real rows are cropped and flipped: part of a result only where a row's augmentation has a
+# crop + flip part, so the stages whose rows have one add them to the stamp themselves
+_REAL_ROWS = ("eval.flip", "eval.crop_fill")
 # how often to save, log and check, and how the same mathematics runs: eager or compiled, CUDA
 # graphs, groups per call, ranks per BN group (equal results, tested; precision is kept: TF32
 # changes the numbers)
@@ -53,18 +56,21 @@ STAGES: dict[str, StageFields] = {
     "window": StageFields(("data", "model", "select.ipc", "eval", "scores.topk", "tune.beta_step",
                            "tune.beta_epoch_fraction", "tune.val_fraction", "tune.eval_runs",
                            "tune.beta_start", "seed"),
-                          ("eval.runs", "eval.methods", "eval.num_cpus", "eval.num_gpus")),
+                          ("eval.runs", "eval.methods", "eval.num_cpus", "eval.num_gpus",
+                           *_REAL_ROWS)),
     "selection": StageFields(("data", "select", "distill.alpha", "seed")),
     "distill": StageFields(("data", "model", "select", "distill", "experts.lr", "seed"),
                            _DISTILL_BOOKKEEPING),
     "distill_resume": StageFields(("data", "model", "select", "distill", "experts.lr", "seed"),
                                   (*_DISTILL_BOOKKEEPING, "distill.iterations")),
-    "evaluate": StageFields(("data", "eval", "seed"), ("eval.methods", "eval.num_cpus", "eval.num_gpus")),
+    "evaluate": StageFields(("data", "eval", "seed"),
+                            ("eval.methods", "eval.num_cpus", "eval.num_gpus", *_REAL_ROWS)),
     # trials of `selmatch tune` (grid steps, bounds, starts, resources only decide which values run
     # where, so a finer grid reuses the trials that lie on it)
     "beta_trial": StageFields(("data", "model", "experts", "scores", "eval", "seed", "select.ipc",
                                "tune.val_fraction", "tune.eval_runs", "tune.beta_epoch_fraction"),
-                              ("eval.methods", "eval.num_cpus", "eval.num_gpus", *_RESOURCES)),
+                              ("eval.methods", "eval.num_cpus", "eval.num_gpus", *_RESOURCES,
+                               *_REAL_ROWS)),
     "alpha_trial": StageFields(("data", "model", "experts", "scores", "eval", "seed", "select.ipc",
                                 "tune.val_fraction", "tune.eval_runs", "tune.beta_epoch_fraction",
                                 "tune.alpha_epoch_fraction", "distill"),

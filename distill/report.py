@@ -168,7 +168,8 @@ def _noise_words(c: dict) -> str:
     if c["beyond_noise"] is None:
         return "one value per row: the noise is not measured"
     words = "beyond" if c["beyond_noise"] else "within"
-    return f"{words} the noise ({Z:g} standard errors of the difference: {100 * Z * c['se']:.2f})"
+    return (f"{words} the noise ({Z:g} standard errors of the difference: "
+            f"{100 * Z * c['se']:.2f} points)")
 
 
 def conclusion_lines(methods: dict, found: dict | None) -> list[str]:
@@ -190,8 +191,8 @@ def conclusion_lines(methods: dict, found: dict | None) -> list[str]:
         lines.append(
             f"**SelMatch (combined augmentation) is not the best row**: "
             f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}%, rank {sm['rank']} of "
-            f"{len(methods)}, {100 * sm['lead']:.2f} points below {best['label']} "
-            f"({_noise_words(sm)}).")
+            f"{len(methods)}, {100 * sm['lead']:.2f} points below {best['label']}: "
+            f"{_noise_words(sm)}.")
     elif found["best"] == "selmatch":
         lines += ["", "SelMatch (combined augmentation) is the best row."]
     return lines + [""]

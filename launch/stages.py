@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from distill import storage
+from distill.augment import REAL_PARTS
 from distill.baselines import baseline_set
 from distill.config import RunConfig
 from distill.data import Dataset
@@ -54,6 +55,14 @@ def _stored_stamp(url: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+def _real_rows(cfg: RunConfig, augment: str) -> dict:
+    """How real rows are cropped and flipped, for the stamps of the augmentations that have such
+    a part (distill/freshness.py leaves eval.flip and eval.crop_fill out of the stage fields)."""
+    if augment not in REAL_PARTS:
+        return {}
+    return {"flip": flip_for(cfg), "crop_fill": crop_fill_for(cfg)}
+
+
 def _topk_scores(base: RunConfig):
     """The top-k row's scores when they differ from the windows' and exist (the window search
     scores them as a reference point), else None."""
@@ -69,8 +78,10 @@ def stage_window(base: RunConfig, ds: Dataset) -> dict:
     inputs = {"scores": scores_digest(base.run_dir, base.scores.kind)}
     if topk_digest is not None:
         inputs["topk_scores"] = topk_digest
+    augment = augment_for("window", base)
     want = stamp(base, "window", inputs=inputs,
-                 extra={"augment": augment_for("window", base), "search": "distill.search v1"})
+                 extra={"augment": augment, **_real_rows(base, augment),
+                        "search": "distill.search v1"})
     if storage.exists(url) and is_fresh(storage.read_json(url).get("stamp"), want):
         log.info("window search: present and fresh, skipped")
         return storage.read_json(url)
@@ -158,11 +169,10 @@ def stage_evaluate(items: list[tuple[RunConfig, str]], base: RunConfig, ds: Data
         synset_url = _synset_url(rep.run_dir, method.synset)
         out = storage.join(rep.run_dir, "eval", f"{name}.json")
         augment = augment_for(name, rep)
-        real = {"flip": flip_for(rep), "crop_fill": crop_fill_for(rep)} \
-            if augment in ("simple", "combined") else {}
         want = stamp(rep, "evaluate", inputs={"synset": storage.sha256(synset_url)[:16],
                                               "reference": ExpertStore(base).digest()},
-                     extra={"augment": augment, **real, "network": eval_network(rep)})
+                     extra={"augment": augment, **_real_rows(rep, augment),
+                            "network": eval_network(rep)})
         if storage.exists(out):
             record = storage.read_json(out)
             if is_fresh(record.get("stamp"), want):
