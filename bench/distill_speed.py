@@ -88,7 +88,8 @@ def main() -> None:
               "first_iteration_s": seconds[0] if seconds else None,
               "median_s_per_iter": statistics.median(steady) if steady else None,
               "seconds_per_iteration": seconds, "prepare_s": prep_s, "distill_wall_s": distill_s,
-              "peak_mem_mib": max((r.get("peak_rss_mib", r.get("cuda_peak_allocated_mib", 0)) for r in records), default=None)}
+              "peak_mem_mib": max((r.get("peak_rss_mib", r.get("cuda_peak_allocated_mib", 0))
+                                   for r in records), default=None)}
     if args.bench and os.path.exists(args.bench):
         with open(args.bench) as f:
             bench = json.load(f)
