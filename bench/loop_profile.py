@@ -65,8 +65,11 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--skip", type=int, default=5, help="first iterations left out of the median")
     p.add_argument("--out", default=os.path.join(HERE, "results", "matching_cpu_loop_quickstart"))
+    p.add_argument("--run_dir", default=None,
+                   help="reuse (or make) the experts and scores of this run directory; kept "
+                        "(default: a temporary one, removed)")
     args, extra = p.parse_known_args()  # the rest: dotted overrides of the config
-    run_dir = tempfile.mkdtemp(prefix="loop_profile_")
+    run_dir = args.run_dir or tempfile.mkdtemp(prefix="loop_profile_")
     overrides = ["--config", args.config, "--run_dir", run_dir, "--distill.log_every", "1",
                  "--distill.checkpoint_every", str(10 * args.iterations),
                  "--distill.iterations", str(args.iterations), *extra]
@@ -84,7 +87,9 @@ def main() -> None:
         with open(log) as f:
             seconds = [json.loads(line)["seconds"] for line in f if line.strip()]
         os.remove(log)
-        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+        ckpt = os.path.join(run_dir, "checkpoints", f"{method_name(cfg)}.pt")
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
         steady = seconds[args.skip:] or seconds
         shape = shape_from_config(cfg, ranks=ranks, device="cpu")
         net = shape.net
@@ -100,7 +105,8 @@ def main() -> None:
             "iterations": len(seconds), "skipped": min(args.skip, len(seconds)),
             "load_1min": round(load, 2)})
         print(json.dumps(records[-1]), flush=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if args.run_dir is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU used"
     import torch
 

@@ -34,6 +34,26 @@ _Loader.add_implicit_resolver(
 )
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a YAML file names a key twice (YAML would keep the last one silently)."""
+
+
+def _no_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise DuplicateKeyError(f"key {key!r} appears twice in one mapping (lines "
+                                    f"{seen[key]} and {line}): the second would silently replace "
+                                    f"the first; merge them")
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
@@ -201,9 +221,18 @@ def load_config(path: str | None = None, overrides: list[str] | dict[str, Any] |
             raise ConfigError([f"--config {path} cannot be read as a text file "
                                f"({type(err).__name__}: {err})"]) from err
         try:
-            data = _yaml_load(text) or {}
+            data = _yaml_load(text)
+        except DuplicateKeyError as err:
+            raise ConfigError([f"{path}: {err}"]) from err
         except yaml.YAMLError as err:
             raise ConfigError([f"{path}: not valid YAML ({err})"]) from err
+        if data is None:
+            raise ConfigError([f"{path} is empty (or only comments): a config is a mapping of "
+                               f"sections such as data:, model:, distill: (e.g. "
+                               f"configs/quickstart.yaml)"])
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path} holds a YAML {type(data).__name__} ({data!r:.40}), not a "
+                               f"mapping of sections such as data:, model:, distill:"])
     if overrides:
         if isinstance(overrides, list):
             overrides = parse_overrides(overrides)

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill import storage
+from distill import integrity, storage
 from distill.augment import training_dsa
 from distill.batching import idle_ranks, resolve
 from distill.config import RunConfig, syn_lr_init
-from distill.config_io import save_config
+from distill.config_io import dump_yaml, save_config
 from distill.data import Dataset, load_configured
 from distill.experts import build_network
-from distill.freshness import digest, stamp
+from distill.freshness import digest, made_of, stamp
+from distill.lock import RunDirBusyError, acquire, release
 from distill.matching import LOCAL, Collectives, make_plan, match_replay, theta_pair
 from distill.metrics import JsonlSink, Metrics, tensorboard_sinks
 from distill.preflight import log_summary
@@ -36,7 +37,7 @@ from distill.runtime import Runtime, cpu_threads
 from distill.scores import load_scores, scores_digest
 from distill.selection import make_selection
 from distill.student import Student, set_precision
-from distill.synset import SyntheticSet
+from distill.synset import SyntheticSet, read_synset_state
 from distill.trajectories import ExpertStore, TrajectoryCache
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,15 @@ def resume_hash(cfg: RunConfig, experts_digest: str) -> str:
     fields but the iteration count (distill/freshness.py) and the experts' identity. The initial
     selection is compared row by row (``source_index``) when the checkpoint is loaded."""
     return stamp(cfg, "distill_resume", inputs={"experts": experts_digest})
+
+
+CHECKPOINT_KEYS = ("iteration", "method", "resume_hash", "distilled", "syn_lr", "source_index",
+                   "opt_images", "opt_lr", "history")
+CHECKPOINT_FIX = "delete it, or run without --resume to start over"
+
+
+class ConcurrentWriterError(RuntimeError):
+    """Another command wrote this run directory while a distillation ran."""
 
 
 class StaleCheckpointError(ValueError):
@@ -270,11 +280,14 @@ class Distiller:
 
     def save_checkpoint(self, url: str) -> None:
         if self.is_main:
-            storage.torch_save(url, self.checkpoint_state())
+            integrity.torch_save(url, self.checkpoint_state())
             self.metrics.flush()
 
     def load_checkpoint(self, url: str) -> None:
-        state = storage.torch_load(url)
+        """Continue from checkpoint ``url``: verified (DamagedArtifactError when its bytes
+        changed or a key is missing) and checked to continue to this config's result
+        (StaleCheckpointError otherwise)."""
+        state = integrity.torch_load(url, fix=CHECKPOINT_FIX, keys=CHECKPOINT_KEYS)
         if not torch.equal(state["source_index"], self.synset.source_index.cpu()):
             raise StaleCheckpointError(f"{url}: its synthetic set was selected from other images "
                                        f"(other scores or selection); run without --resume to "
@@ -308,18 +321,24 @@ def initial_set(cfg: RunConfig, ds: Dataset, source: RunConfig | None = None,
     return SyntheticSet.from_selection(sel, ds.x_train, syn_lr_init(cfg))
 
 
-def result_stamp(cfg: RunConfig, source: RunConfig | None = None,
-                 pool: np.ndarray | None = None) -> str:
-    """Freshness stamp of a distilled set (distill/freshness.py): every field of the stage,
-    iterations included, and the identity of the experts and scores it was made from (and of
-    the pool it selected from, when not the whole training set)."""
+def result_made_of(cfg: RunConfig, source: RunConfig | None = None,
+                   pool: np.ndarray | None = None) -> dict:
+    """What makes a distilled set (distill/freshness.py): every field of the stage, iterations
+    included, and the identity of the experts and scores it was made from (and of the pool it
+    selected from, when not the whole training set)."""
     src = source or cfg
     inputs = {"experts": ExpertStore(src).digest()}
     if cfg.select.init != "random":
         inputs["scores"] = scores_digest(src.run_dir, cfg.scores.kind)
     if pool is not None:
         inputs["pool"] = digest(np.asarray(pool).tolist())
-    return stamp(cfg, "distill", inputs=inputs)
+    return made_of(cfg, "distill", inputs=inputs)
+
+
+def result_stamp(cfg: RunConfig, source: RunConfig | None = None,
+                 pool: np.ndarray | None = None) -> str:
+    """The freshness stamp of a distilled set: the hash of :func:`result_made_of`."""
+    return digest(result_made_of(cfg, source, pool))
 
 
 def _meta(cfg: RunConfig, method: str, stamp_: str, **extra) -> dict:
@@ -357,17 +376,32 @@ def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None
         synset = synset.to(rt.device)
         distiller = _distiller(cfg, ds, synset, rt, method, src, resume=resume,
                                restart_stale=restart_stale)
-    # rank 0 writes: it checks, and every rank learns the verdict (no rank left in a collective)
-    problem = None
+    # rank 0 writes: it checks and takes the run directory's lock, and every rank learns the
+    # verdict (no rank left waiting in a collective)
+    problem, lock = None, None
     if rt.is_main:
         try:
             storage.check_writable(cfg.run_dir)
-        except storage.RunDirError as err:
-            problem = str(err)
+            lock = acquire(cfg.run_dir, f"selmatch distill ({method})")
+        except (storage.RunDirError, RunDirBusyError) as err:
+            problem = (type(err).__name__, str(err))
     problem = rt.broadcast_object(problem)
     if problem is not None:
-        raise storage.RunDirError(problem)
-    final_stamp = result_stamp(cfg, src, pool)
+        raise (RunDirBusyError if problem[0] == "RunDirBusyError" else storage.RunDirError)(
+            problem[1])
+    try:
+        return _distill_and_save(cfg, rt, ds, synset, distiller, src, pool, method, progress,
+                                 preflight)
+    finally:
+        if lock is not None:
+            release(lock)
+
+
+def _distill_and_save(cfg: RunConfig, rt: Runtime, ds: Dataset, synset: SyntheticSet,
+                      distiller: Distiller | None, src: RunConfig, pool: np.ndarray | None,
+                      method: str, progress: bool, preflight: bool) -> SyntheticSet:
+    final_made_of = result_made_of(cfg, src, pool)
+    final_stamp = digest(final_made_of)
     # checks done: from here on the run writes
     if rt.is_main and preflight:
         log_summary(cfg, ranks=rt.world_size, device=rt.device.type)
@@ -375,7 +409,8 @@ def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None
         save_config(cfg)
         storage.write_json(storage.join(cfg.run_dir, "data.json"), ds.describe())
         # the exact starting point (selection, learnable rows marked), kept for comparisons
-        synset.save(cfg.run_dir, f"{method}_init", meta=_meta(cfg, f"{method}_init", final_stamp),
+        synset.save(cfg.run_dir, f"{method}_init",
+                    meta=_meta(cfg, f"{method}_init", final_stamp, made_of=final_made_of),
                     denormalize=ds.denormalize)
     if distiller is None:
         log.info("nothing to distill (alpha %.3g, %d iterations): the result is the selection",
@@ -384,11 +419,33 @@ def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None
         distiller.run(checkpoint_url=_checkpoint_url(cfg, method), progress=progress)
         distiller.metrics.close()
     if rt.is_main:
+        _check_single_writer(cfg, method, final_stamp)
         synset.save(cfg.run_dir, method, meta=_meta(cfg, method, final_stamp,
-                                                    syn_lr=float(synset.syn_lr.detach())),
+                                                    syn_lr=float(synset.syn_lr.detach()),
+                                                    made_of=final_made_of),
                     denormalize=ds.denormalize)
     rt.barrier()
     return synset
+
+
+def _check_single_writer(cfg: RunConfig, method: str, final_stamp: str) -> None:
+    """Before the result is saved: ``config.yaml`` and the initial set on storage are still the
+    ones this run wrote. The run-directory lock (distill/lock.py) keeps a second command out of a
+    local or shared filesystem; on an object store, where a lock cannot be atomic, this is what
+    keeps two commands' results from mixing (a set saved next to another command's config)."""
+    config_url = storage.join(cfg.run_dir, "config.yaml")
+    init_url = storage.join(cfg.run_dir, "synset", f"{method}_init.pt")
+    problems = []
+    if not storage.exists(config_url) or storage.read_text(config_url) != dump_yaml(cfg):
+        problems.append(f"{config_url} is not the configuration this run wrote")
+    meta = read_synset_state(init_url).get("meta", {}) if storage.exists(init_url) else {}
+    if meta.get("stamp") != final_stamp:
+        problems.append(f"{init_url} is not the starting set this run wrote")
+    if problems:
+        raise ConcurrentWriterError(
+            f"another command wrote {cfg.run_dir} while this distillation ran: "
+            f"{'; '.join(problems)}. The result is not saved (its checkpoint is kept); run one "
+            f"command per run directory, then run this one again")
 
 
 def _checkpoint_url(cfg: RunConfig, method: str) -> str:
@@ -412,6 +469,11 @@ def _distiller(cfg: RunConfig, ds: Dataset, synset: SyntheticSet, rt: Runtime, m
             if not restart_stale:
                 raise
             log.info("%s; starting from iteration 0", err)
+            return distiller
+        except integrity.DamagedArtifactError as err:
+            if not restart_stale:
+                raise
+            log.warning("%s: starting from iteration 0", err)
             return distiller
         distiller.metrics.resume_after(distiller.iteration)  # metrics up to the checkpoint
         log.info("resumed from %s at iteration %d", ckpt, distiller.iteration)

@@ -111,13 +111,38 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def made_of(cfg: RunConfig, stage: str, *, inputs: dict[str, str] | None = None,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What makes an artifact of ``stage``: its config fields, the digests of the artifacts it
+    reads (``inputs``), and anything else that decides it (``extra``, e.g. a row's augmentation).
+    Stored beside the stamp where a message may have to say what changed (:func:`explain`)."""
+    return {"stage": stage, "fields": stage_fields(cfg, stage), "inputs": dict(inputs or {}),
+            "extra": dict(extra or {})}
+
+
 def stamp(cfg: RunConfig, stage: str, *, inputs: dict[str, str] | None = None,
           extra: dict[str, Any] | None = None) -> str:
-    """What made an artifact of ``stage``: its config fields, the digests of the artifacts it read
-    (``inputs``), and anything else that decides it (``extra``, e.g. the augmentation a row uses)."""
-    return digest({"stage": stage, "fields": stage_fields(cfg, stage),
-                   "inputs": dict(inputs or {}), "extra": dict(extra or {})})
+    """The hash of :func:`made_of`: equal stamps, same artifact."""
+    return digest(made_of(cfg, stage, inputs=inputs, extra=extra))
 
 
 def is_fresh(stored: str | None, wanted: str) -> bool:
     return stored is not None and stored == wanted
+
+
+def explain(stored: dict[str, Any] | None, wanted: dict[str, Any], limit: int = 4) -> str:
+    """What differs between what made an artifact (``stored``, a :func:`made_of`) and what the
+    config asks for now, in words: ``distill.alpha 0.5 → 0.3; other scores``."""
+    if not stored:
+        return "its settings are not recorded (made by an older version)"
+    parts = []
+    old, new = stored.get("fields", {}), wanted["fields"]
+    parts += [f"{k} {old.get(k)!r} → {v!r}" for k, v in new.items() if old.get(k) != v]
+    parts += [f"{k} {v!r} → (none)" for k, v in old.items() if k not in new]
+    for key, what in (("inputs", "other {}"), ("extra", "another {}")):
+        a, b = stored.get(key, {}), wanted[key]
+        parts += [what.format(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not parts:
+        return "made by another version of the code"
+    more = f" (and {len(parts) - limit} more)" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more

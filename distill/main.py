@@ -30,7 +30,8 @@ import logging
 
 from distill.config_io import load_config
 from distill.distiller import run_distill
-from distill.runtime import Runtime
+from distill.prerequisites import require_stages
+from distill.runtime import Runtime, launched_rank
 from launch.exits import arguments_text, run_guarded
 
 
@@ -53,15 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is present")
     args, overrides = parser.parse_known_args(argv)
 
+    rank = launched_rank()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
     def work() -> int:
+        # bad input is found before the process group exists, the same way on every rank
+        require_stages(load_config(args.config, overrides), "distill")
         rt = Runtime.create(cpu=True if args.cpu else None)
-        logging.basicConfig(level=logging.INFO if rt.is_main else logging.WARNING,
-                            format=f"%(asctime)s [rank {rt.rank}] %(levelname)s %(message)s",
-                            datefmt="%H:%M:%S")
         return run(rt, args.config, overrides, resume=args.resume)
 
-    return run_guarded("distill", work,  # exit statuses: launch/exits.py
-                       arguments=arguments_text(args.config, overrides))
+    # under a launcher, bad input (exit 2) is reported by rank 0 alone: every rank reads the same
+    # config and run directory and fails alike; other failures are reported by each failing rank
+    return run_guarded("distill" if rank == 0 else f"distill (rank {rank})", work,
+                       arguments=arguments_text(args.config, overrides),
+                       quiet_input_errors=rank != 0)  # exit statuses: launch/exits.py
 
 
 def cmd_distill(args, overrides: list[str]) -> int:

@@ -31,8 +31,11 @@ class Sink(Protocol):
 
 
 class JsonlSink:
-    def __init__(self, url: str, *, keep: list[dict] | None = None):
-        self.url = url
+    """Records as JSON lines; with ``checked`` the file gets a checksum (distill/integrity.py),
+    for logs that a later command trusts (the trials a restarted search reuses)."""
+
+    def __init__(self, url: str, *, keep: list[dict] | None = None, checked: bool = False):
+        self.url, self.checked = url, checked
         self.records: list[dict] = list(keep or [])
 
     def write(self, record: dict[str, Any]) -> None:
@@ -45,7 +48,12 @@ class JsonlSink:
 
     def flush(self) -> None:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
-        storage.write_text(self.url, text)
+        if self.checked:
+            from distill import integrity
+
+            integrity.write_text(self.url, text)
+        else:
+            storage.write_text(self.url, text)
 
     def close(self) -> None:
         self.flush()

@@ -22,13 +22,14 @@ import io as _io
 import math
 import statistics
 
-from distill import storage
+from distill import integrity, storage
 from distill.config import RunConfig
 from distill.config_io import repetitions
 from distill.methods import METHODS, chosen
 from distill.metrics import rewrite_metrics
 from distill.search import Z
 
+_EVAL_FIX = "run `selmatch evaluate --config F` (or `selmatch run`) to evaluate it again"
 _SCORE_NAME = {"forgetting": "forgetting", "el2n": "EL2N", "cscore": "C-score"}
 
 
@@ -101,14 +102,16 @@ def collect(cfg: RunConfig) -> dict:
     reps = repetitions(cfg)
     methods = {}
     for name in chosen(cfg):
-        records = [storage.read_json(url) for url in
+        records = [integrity.read_json(url, fix=_EVAL_FIX) for url in
                    (storage.join(r.run_dir, "eval", f"{name}.json") for r in reps)
                    if storage.exists(url)]
         if records:
             methods[name] = {**pool(records), "label": ""}
             methods[name]["label"] = label(name, methods[name])
     window_url = storage.join(cfg.run_dir, "window", "results.json")
-    window = storage.read_json(window_url) if storage.exists(window_url) else None
+    window = integrity.read_json(window_url, fix="run `selmatch window --config F` (or "
+                                 "`selmatch run`) to search again") \
+        if storage.exists(window_url) else None
     return {"methods": methods, "window": window, "seeds": [r.seed for r in reps]}
 
 

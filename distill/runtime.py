@@ -47,6 +47,15 @@ def launched_world_size() -> int:
     return 1
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 when run as plain ``python``)."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def device_for(gpus: float | None = None) -> str:
     """Where a job that asks for ``gpus`` GPUs (None: any there are) runs, decided in the
     process that runs it (a Ray worker may have a GPU its driver lacks): "cuda" when it asks for

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill import storage
+from distill import integrity, storage
 from distill.config import RunConfig
 from distill.data import Dataset, DatasetNotFoundError, get_info
 from distill.experts import ExpertResult, forgetting_counts
@@ -99,7 +99,11 @@ def import_scores(url: str, kind: str, ds: Dataset, *, key: str = "scores") -> S
         labels = loaded["labels"] if "labels" in loaded.files else None
     else:
         values = loaded
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    values = np.asarray(values)
+    if values.dtype.kind not in "biuf":
+        raise ValueError(f"scores.file {url} holds {values.dtype} values, not numbers: a score "
+                         f"file holds one number per training sample")
+    values = values.astype(np.float64).reshape(-1)
     n = len(ds.y_train)
     try:
         full = get_info(ds.info.name).train_size
@@ -146,16 +150,33 @@ def _urls(run_dir: str, kind: str) -> tuple[str, str]:
     return storage.join(base, f"{kind}.npy"), storage.join(base, f"{kind}.json")
 
 
+FIX = "run `selmatch scores --config F` to compute them again"
+
+
 def save_scores(run_dir: str, scores: Scores, *, extra: dict | None = None) -> str:
-    """Write ``scores/<kind>.npy`` then its ``.json`` manifest (which marks it complete)."""
+    """Write ``scores/<kind>.npy`` then its ``.json`` manifest (which marks it complete), each
+    with its checksum (distill/integrity.py)."""
     npy_url, meta_url = _urls(run_dir, scores.kind)
     buf = _io.BytesIO()
     np.save(buf, scores.values)
-    storage.write_bytes(npy_url, buf.getvalue())
+    integrity.write_bytes(npy_url, buf.getvalue())
     meta = {"kind": scores.kind, "hard_end": scores.hard_end, "source": scores.source,
             "n": int(len(scores.values)), **(extra or {})}
-    storage.write_json(meta_url, meta)
+    integrity.write_json(meta_url, meta)
     return npy_url
+
+
+def scores_problem(run_dir: str, kind: str) -> str | None:
+    """None when ``scores/<kind>.npy`` and its manifest are present and intact; 'missing' when
+    they were never written; else what is damaged."""
+    npy_url, meta_url = _urls(run_dir, kind)
+    if not storage.exists(meta_url):
+        return "missing"
+    for url in (npy_url, meta_url):
+        bad = integrity.problem(url)
+        if bad is not None:
+            return f"{url} is damaged ({bad})" if bad != "missing" else f"{url} is missing"
+    return None
 
 
 def load_scores(run_dir: str, kind: str) -> Scores:
@@ -163,18 +184,20 @@ def load_scores(run_dir: str, kind: str) -> Scores:
     if not storage.exists(meta_url):
         raise FileNotFoundError(f"no {kind} scores in {storage.join(run_dir, 'scores')}; create them "
                                 f"with `selmatch scores --config F`")
-    meta = storage.read_json(meta_url)
+    meta = integrity.read_json(meta_url, fix=FIX)
     if not storage.exists(npy_url):
         raise FileNotFoundError(f"{npy_url} is missing (its manifest {meta_url} exists); re-create "
                                 f"it with `selmatch scores --config F`")
-    values = _np_load(storage.read_bytes(npy_url), npy_url, "scores")
+    values = _np_load(integrity.read_bytes(npy_url, fix=FIX), npy_url, "scores")
     if not isinstance(values, np.ndarray) or values.ndim != 1:
         raise ValueError(f"{npy_url} must hold one array of shape [n], got "
                          f"{getattr(values, 'shape', type(values).__name__)}")
-    if len(values) != meta["n"]:
-        raise ValueError(f"{npy_url}: {len(values)} values, manifest says {meta['n']}")
+    if len(values) != meta.get("n") or meta.get("hard_end") not in ("high", "low"):
+        raise integrity.DamagedArtifactError(
+            meta_url, f"{len(values)} values in {npy_url}, the manifest says n = "
+                      f"{meta.get('n')!r}, hard_end {meta.get('hard_end')!r}", FIX)
     _check_finite(values, npy_url)
-    return Scores(kind, values, meta["hard_end"], meta["source"])
+    return Scores(kind, values, meta["hard_end"], meta.get("source", "?"))
 
 
 def scores_exist(run_dir: str, kind: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io as _io
 import json
+import os
 import uuid
 from typing import Any
 
@@ -38,6 +39,24 @@ def exists(url: str) -> bool:
 
 class RunDirError(ValueError):
     """run_dir cannot hold artifacts: a file, or not writable."""
+
+
+def run_dir_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a run directory without reading anything (None: it can): empty, or
+    the root of its filesystem (a run would write config.yaml, experts/, ... straight into /)."""
+    if not isinstance(url, str) or not url.strip():
+        return ("run_dir must name a directory (a path or fsspec URL such as runs/quickstart), "
+                f"got {url!r}")
+    if "://" in url and not url.startswith("file://"):
+        path = url.split("://", 1)[1]
+    else:
+        path = os.path.realpath(os.path.expanduser(url[len("file://"):] if
+                                                   url.startswith("file://") else url))
+    if path.strip("/") == "" or os.path.dirname(path) == path:
+        example = (url.split("://", 1)[0] + "://" if "://" in url else "/") + "runs/<name>"
+        return (f"run_dir {url!r} is the root of its filesystem; give it a directory of its own "
+                f"(e.g. {example})")
+    return None
 
 
 def check_writable(url: str) -> None:
@@ -87,15 +106,21 @@ def write_bytes(url: str, data: bytes) -> None:
     if parent:
         fs.makedirs(parent, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
     try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
         if fs.exists(path) and not _is_local(fs):
             fs.rm(path)
         fs.mv(tmp, path)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+    except BaseException as err:
+        try:  # a failed write leaves no temporary file behind
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except OSError:
+            pass
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            raise OSError(err.errno, f"cannot write {url} ({err.strerror or err}); free space "
+                                     f"or fix the permissions, then run the command again") from err
         raise
 
 

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from distill import storage
+from distill import integrity, storage
 from distill.methods import SYNSETS
 from distill.selection import Selection
 
@@ -83,7 +83,7 @@ class SyntheticSet:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(SYNSETS)} "
                              f"(or <method>_init for a starting point)")
         url = storage.join(run_dir, "synset", f"{method}.pt")
-        storage.torch_save(url, self.state(method, meta))
+        integrity.torch_save(url, self.state(method, meta))
         png = image_grid(self.images().detach().cpu(), self.labels.cpu(), self.is_distilled.cpu(),
                          denormalize=denormalize)
         storage.write_bytes(storage.join(run_dir, "synset", f"{method}.png"), png)
@@ -91,23 +91,45 @@ class SyntheticSet:
 
 
 _KEYS = ("images", "labels", "is_distilled", "source_index", "syn_lr")
+FIX = "re-create it with `selmatch run` (or `selmatch distill` for a distilled set)"
 
 
-def load_synset(run_dir: str, method: str) -> tuple[SyntheticSet, dict]:
+def read_synset_state(url: str) -> dict:
+    """The verified ``torch.save`` dict of a synset file (DamagedArtifactError naming the file
+    when its bytes changed, it does not parse, or a key is missing)."""
+    return integrity.torch_load(url, fix=FIX, keys=_KEYS)
+
+
+def load_synset(run_dir: str, method: str, *,
+                image_shape: tuple[int, ...] | None = None,
+                num_classes: int | None = None) -> tuple[SyntheticSet, dict]:
+    """``synset/<method>.pt``, verified; with ``image_shape`` / ``num_classes`` (the dataset's)
+    also checked to belong to that data."""
     url = storage.join(run_dir, "synset", f"{method}.pt")
     if not storage.exists(url):
         raise FileNotFoundError(f"no synthetic set {url}; create it with `selmatch distill` "
                                 f"(or `selmatch run`)")
-    state = storage.torch_load(url)
-    missing = [k for k in _KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise ValueError(f"{url} is not a synthetic set: missing key(s) {', '.join(missing)} "
-                         f"(a synset file holds {', '.join(_KEYS)}); re-create it with "
-                         f"`selmatch run` or `selmatch distill`")
+    state = read_synset_state(url)
+    images, labels = state["images"], state["labels"]
+    shapes = {k: tuple(getattr(state[k], "shape", ())) for k in _KEYS[:4]}
+    n = shapes["images"][0] if shapes["images"] else None
+    bad = None
+    if len(shapes["images"]) != 4 or any(shapes[k] != (n,) for k in _KEYS[1:4]):
+        bad = (f"inconsistent shapes {', '.join(f'{k} {list(v)}' for k, v in shapes.items())} "
+               f"(images [N, C, H, W], the others [N])")
+    elif image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
+        bad = (f"images of shape {list(images.shape[1:])}, but the dataset's are "
+               f"{list(image_shape)}: made for other data")
+    elif num_classes is not None and len(labels) and not 0 <= int(labels.min()) <= \
+            int(labels.max()) < num_classes:
+        bad = f"labels {int(labels.min())}..{int(labels.max())} outside 0..{num_classes - 1}"
+    if bad is not None:
+        raise integrity.DamagedArtifactError(url, bad, FIX)
     try:
         return SyntheticSet.from_state(state), state
     except (ValueError, IndexError, RuntimeError, TypeError, AttributeError) as err:
-        raise ValueError(f"{url}: inconsistent synthetic set ({type(err).__name__}: {err})") from err
+        raise integrity.DamagedArtifactError(url, f"inconsistent synthetic set "
+                                                  f"({type(err).__name__}: {err})", FIX) from err
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, is_distilled: torch.Tensor, *,

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from distill import storage
+from distill import integrity, storage
 from distill.config import RunConfig
 from distill.experts import ExpertResult
 from distill.freshness import digest, stamp
@@ -59,14 +59,39 @@ class ExpertStore:
     def _manifest_url(self) -> str:
         return storage.join(self.dir, MANIFEST)
 
+    def _empty(self) -> dict:
+        return {"config_hash": self.hash, "dataset": self.cfg.data.name,
+                "model": dataclasses.asdict(self.cfg.model), "epochs": self.cfg.experts.epochs,
+                "seed": self.cfg.seed, "experts": {}}
+
+    def _read_manifest(self, url: str) -> dict:
+        """The manifest's JSON, verified (distill/integrity.py; one written before checksums
+        existed is read unverified) and checked for the structure the store relies on."""
+        fix = (f"run `selmatch experts --config F`: it moves the damaged manifest aside and "
+               f"trains the experts again (their files cannot be verified without it)")
+        if integrity.recorded(url) is None:  # an older run directory: the files' sha256 remain
+            text = storage.read_text(url)
+        else:
+            text = integrity.read_text(url, fix=fix)
+        manifest = integrity.parse_json(url, text, fix=fix)
+        experts = manifest.get("experts")
+        if not isinstance(experts, dict):
+            raise integrity.DamagedArtifactError(url, "no 'experts' mapping", fix)
+        for key, entry in experts.items():
+            missing = [k for k in ("file", "size", "sha256")
+                       if not isinstance(entry, dict) or k not in entry]
+            if not key.isdigit() or missing:
+                raise integrity.DamagedArtifactError(
+                    url, f"expert entry {key!r} lacks {', '.join(missing) or 'a numeric id'}", fix)
+        return manifest
+
     def manifest(self) -> dict:
-        """The manifest (an empty one for a new store); a mismatching config is an error."""
+        """The manifest (an empty one for a new store); a mismatching config is an error, a
+        damaged manifest a DamagedArtifactError naming it."""
         url = self._manifest_url()
         if not storage.exists(url):
-            return {"config_hash": self.hash, "dataset": self.cfg.data.name,
-                    "model": dataclasses.asdict(self.cfg.model), "epochs": self.cfg.experts.epochs,
-                    "seed": self.cfg.seed, "experts": {}}
-        manifest = storage.read_json(url)
+            return self._empty()
+        manifest = self._read_manifest(url)
         if manifest.get("config_hash") != self.hash:
             raise ValueError(
                 f"{self.dir} holds experts trained with other settings (config hash "
@@ -74,6 +99,20 @@ class ExpertStore:
                 f"than num_experts/num_cpus/num_gpus, or seed changed). Use another run_dir or "
                 f"delete {self.dir} to retrain.")
         return manifest
+
+    def repair_or_manifest(self) -> dict:
+        """:meth:`manifest`, except that a damaged one is moved aside (``manifest.json.damaged``,
+        with a warning) and a new, empty one is returned: every expert is then trained again."""
+        try:
+            return self.manifest()
+        except integrity.DamagedArtifactError as err:
+            url = self._manifest_url()
+            aside = url + ".damaged"
+            storage.write_bytes(aside, storage.read_bytes(url))
+            integrity.remove(url)
+            log.warning("%s is damaged (%s); moved aside to %s: training every expert again",
+                        url, err.problem, aside)
+            return self._empty()
 
     def wanted_ids(self) -> list[int]:
         """The experts a run uses: 0 .. experts.num_experts - 1, all of them."""
@@ -154,7 +193,7 @@ class ExpertStore:
         manifest = self.manifest()
         manifest["experts"][str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
         manifest["code_version"] = code_version()
-        storage.write_json(self._manifest_url(), manifest)
+        integrity.write_json(self._manifest_url(), manifest)
 
     # -- read --------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distill import data as data_mod
+from distill import storage
 from distill.augment import AUGMENTS, TRAINING_AUGMENTS
 from distill import models as models_mod
 from distill.batching import resolve_config
@@ -126,6 +127,8 @@ def _field(cfg: RunConfig, dotted: str) -> Any:
 def validate_config(cfg: RunConfig) -> RunConfig:
     """Check every field and the relations between them; raise one ConfigError listing all."""
     problems: list[str] = _non_finite(cfg)
+    if (problem := storage.run_dir_problem(cfg.run_dir)) is not None:
+        problems.append(problem)
     problems += [p for path, interval in RANGES.items()
                  if (p := interval.problem(path, _field(cfg, path))) is not None]
     if cfg.seeds is not None:
@@ -145,6 +148,10 @@ def validate_config(cfg: RunConfig) -> RunConfig:
             problems.append(f"data.root: {err}")  # only imagefolder reads files here
         except ValueError as err:
             problems.append(f"data.options: {err}")
+        if info is not None and info.num_classes < 2:
+            problems.append(f"data: {info.name} has {info.num_classes} class (a dataset to "
+                            f"distil needs at least 2: nothing tells a class apart from none)")
+            info = None
 
     models = models_mod.model_names()
     _choice(problems, "model.name", cfg.model.name, models)

@@ -7,7 +7,7 @@ Tune trial or a CI job never mistakes a failure for a success:
 
 | exit | what | exceptions (first match wins) |
 | --- | --- | --- |
-| 2 | bad input: a config field, a path, a file, a value | ConfigError; FileNotFoundError, ValueError, KeyError; any other OSError |
+| 2 | bad input: a config field, a path, a file, a value; a run directory another command is writing | ConfigError, RunDirBusyError; FileNotFoundError, ValueError, KeyError; any other OSError |
 | 1 | a run that went wrong: it diverged (the last good checkpoint is kept), ranks drifted apart, a search ended without a result | FloatingPointError, DivergedRanksError; any other RuntimeError |
 | 130 | interrupted | KeyboardInterrupt |
 
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from distill.config import ConfigError
+from distill.lock import RunDirBusyError
 from distill.prerequisites import MissingStagesError
 from distill.runtime import DivergedRanksError
 
@@ -39,6 +40,7 @@ class ExitRule:
 
 EXIT_RULES: tuple[ExitRule, ...] = (
     ExitRule((ConfigError,), 2, "{err}"),  # one line per bad field, each naming it
+    ExitRule((RunDirBusyError,), 2, "{err}"),  # refused before doing anything: names the holder
     ExitRule((FloatingPointError, DivergedRanksError), 1, "{err}"),  # says what to change
     ExitRule((FileNotFoundError, ValueError, KeyError), 2, "error: {err}"),
     ExitRule((OSError,), 2, "error: {kind}: {err}"),  # unreadable/unwritable paths, no network
@@ -64,10 +66,12 @@ def arguments_text(config: str | None, overrides: list[str]) -> str | None:
 
 
 def run_guarded(prog: str, work: Callable[[], int | None], *,
-                arguments: str | None = None) -> int:
+                arguments: str | None = None, quiet_input_errors: bool = False) -> int:
     """``work()``'s status (None = 0); a mapped exception becomes ``<prog>: <message>`` on stderr
     and its exit status, anything else propagates with its traceback. ``arguments`` (the user's
-    ``--config F`` and overrides) complete the commands of a missing-stages message."""
+    ``--config F`` and overrides) complete the commands of a missing-stages message;
+    ``quiet_input_errors`` keeps bad input (exit 2) silent (a rank other than 0 under a
+    launcher: rank 0 says it once)."""
     try:
         return int(work() or 0)
     except BaseException as err:
@@ -78,5 +82,6 @@ def run_guarded(prog: str, work: Callable[[], int | None], *,
         if isinstance(err, MissingStagesError):
             message = err.render(arguments)
         log.debug("%s failed", prog, exc_info=err)
-        print(f"{prog}: {message}", file=sys.stderr)
+        if not (quiet_input_errors and status == 2):
+            print(f"{prog}: {message}", file=sys.stderr)
         return status

@@ -24,6 +24,7 @@ from distill.config import RunConfig
 from distill.config_io import load_config, save_config
 from distill.data import Dataset, load_configured
 from distill.experts import train_expert
+from distill.lock import run_dir_lock
 from distill.runtime import device_for
 from distill.trajectories import ExpertStore
 
@@ -78,9 +79,19 @@ def run_experts(cfg: RunConfig, *, workers: int | None = None, ray_address: str 
     """Train every missing expert; returns the manifest. ``workers=0`` trains without Ray."""
     if workers is not None and workers < 0:
         raise ValueError(f"--workers must be >= 0, got {workers}")
+    if workers != 0 and cfg.run_dir.startswith("memory://"):
+        raise ValueError(f"run_dir {cfg.run_dir} lives in this process's memory, which Ray "
+                         f"workers cannot write: use --workers 0, or a run_dir on storage every "
+                         f"worker reaches (a shared filesystem or an object store)")
     storage.check_writable(cfg.run_dir)
+    with run_dir_lock(cfg.run_dir, "selmatch experts"):
+        return _run_experts(cfg, workers=workers, ray_address=ray_address, progress=progress)
+
+
+def _run_experts(cfg: RunConfig, *, workers: int | None, ray_address: str | None,
+                 progress: bool) -> dict:
     store = ExpertStore(cfg)
-    manifest = store.manifest()  # settings checked before anything is written
+    manifest = store.repair_or_manifest()  # settings checked before anything is written
     for i in store.wanted_ids():  # more than sizes: every recorded file's sha256
         problem = store.problem(i, deep=True, manifest=manifest) if str(i) in manifest["experts"] \
             else None

@@ -19,8 +19,8 @@ import logging
 import shlex
 import sys
 
-from distill import storage
-from distill.baselines import baseline_set
+from distill import integrity, storage
+from distill.lock import run_dir_lock
 from distill.config import RunConfig
 from distill.config_io import dump_yaml, load_config, repetitions, save_config
 from distill.data import load_configured
@@ -36,6 +36,7 @@ from launch.experts import at_chance, run_experts
 from launch.scores import ensure_scores, topk_config
 from launch.stages import (
     ReferenceCache,
+    require_fresh_sets,
     stage_distill,
     stage_evaluate,
     stage_selection,
@@ -79,8 +80,14 @@ def _notes(cfg: RunConfig, ds, window: dict | None) -> list[str]:
 
 def run_pipeline(cfg: RunConfig, *, workers: int | None = None, ray_address: str | None = None,
                  command: str | None = None) -> str:
-    """Run every stage; returns the report URL."""
+    """Run every stage (holding the run directory's lock); returns the report URL."""
     storage.check_writable(cfg.run_dir)
+    with run_dir_lock(cfg.run_dir, command or "selmatch run"):
+        return _run_pipeline(cfg, workers=workers, ray_address=ray_address, command=command)
+
+
+def _run_pipeline(cfg: RunConfig, *, workers: int | None, ray_address: str | None,
+                  command: str | None) -> str:
     ds = load_configured(cfg.data)
     run_experts(cfg, workers=workers, ray_address=ray_address)  # checks its manifest first
     ensure_scores(cfg)
@@ -111,16 +118,21 @@ def cmd_window(args, overrides: list[str]) -> int:
     require_stages(cfg, "window")
     storage.check_writable(cfg.run_dir)
     ds = load_configured(cfg.data)
-    scores = load_scores(cfg.run_dir, cfg.scores.kind)  # checked before anything is written
-    save_config(cfg)
-    window = stage_window(cfg, ds)
-    synset = baseline_set("window", cfg, ds, scores, window["best_beta"])
-    synset.save(cfg.run_dir, "window", meta={"method": "window", "ipc": cfg.select.ipc,
-                                             "beta": window["best_beta"], "seed": cfg.seed,
-                                             "score": scores.kind},
-                denormalize=ds.denormalize)
+    load_scores(cfg.run_dir, cfg.scores.kind)  # checked before anything is written
+    with run_dir_lock(cfg.run_dir, "selmatch window"):
+        save_config(cfg)
+        window = stage_window(cfg, ds)
+        stage_selection(cfg, cfg, "window", ds, window["best_beta"])
     print(storage.join(cfg.run_dir, "window", "results.json"))
     return 0
+
+
+def _window_beta(cfg: RunConfig) -> float | None:
+    """The β the window search chose (verified results), or None without a search."""
+    url = storage.join(cfg.run_dir, "window", "results.json")
+    if not storage.exists(url):
+        return None
+    return integrity.read_json(url, fix="run `selmatch window --config F` again")["best_beta"]
 
 
 def cmd_evaluate(args, overrides: list[str]) -> int:
@@ -133,10 +145,14 @@ def cmd_evaluate(args, overrides: list[str]) -> int:
         raise FileNotFoundError(f"no synthetic sets in {storage.join(cfg.run_dir, 'synset')}; "
                                 f"create them with `selmatch distill` or `selmatch run`")
     storage.check_writable(cfg.run_dir)
+    # the freshness rule of `selmatch run`: only sets this config would make are evaluated
+    require_fresh_sets(cfg, list(dict.fromkeys(METHODS[m].synset for m in names)),
+                       _window_beta(cfg))
     ds = load_configured(cfg.data)
-    save_config(cfg)
-    stage_evaluate([(cfg, name) for name in names], cfg, ds, ReferenceCache(cfg, ds),
-                   workers=args.workers, ray_address=args.ray_address)
+    with run_dir_lock(cfg.run_dir, "selmatch evaluate"):
+        save_config(cfg)
+        stage_evaluate([(cfg, name) for name in names], cfg, ds, ReferenceCache(cfg, ds),
+                       workers=args.workers, ray_address=args.ray_address)
     for name in names:
         print(storage.join(cfg.run_dir, "eval", f"{name}.json"))
     return 0

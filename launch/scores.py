@@ -22,8 +22,9 @@ from distill.config import RunConfig
 from distill.config_io import load_config, save_config
 from distill.data import load_configured
 from distill.freshness import is_fresh, stamp
+from distill.lock import run_dir_lock
 from distill.prerequisites import require_stages
-from distill.scores import SCORE_KINDS, Scores, compute_scores, save_scores
+from distill.scores import SCORE_KINDS, Scores, compute_scores, save_scores, scores_problem
 from distill.trajectories import ExpertStore
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,11 @@ def scores_stamp(cfg: RunConfig) -> str:
 
 def run_scores(cfg: RunConfig, *, write_config: bool = True) -> Scores:
     storage.check_writable(cfg.run_dir)
+    with run_dir_lock(cfg.run_dir, "selmatch scores"):
+        return _run_scores(cfg, write_config)
+
+
+def _run_scores(cfg: RunConfig, write_config: bool) -> Scores:
     ds = load_configured(cfg.data)
     scores = compute_scores(cfg, ds)
     want = scores_stamp(cfg)
@@ -57,10 +63,12 @@ def run_scores(cfg: RunConfig, *, write_config: bool = True) -> Scores:
 def ensure_scores(cfg: RunConfig) -> bool:
     """``scores/<kind>.npy`` for ``cfg.scores``, recomputed unless fresh; True if it was fresh."""
     meta_url = storage.join(cfg.run_dir, "scores", f"{cfg.scores.kind}.json")
-    if storage.exists(meta_url) and is_fresh(storage.read_json(meta_url).get("stamp"),
-                                             scores_stamp(cfg)):
+    problem = scores_problem(cfg.run_dir, cfg.scores.kind)
+    if problem is None and is_fresh(storage.read_json(meta_url).get("stamp"), scores_stamp(cfg)):
         log.info("scores: %s present and fresh, skipped", cfg.scores.kind)
         return True
+    if problem not in (None, "missing"):
+        log.warning("%s: computing them again", problem)
     run_scores(cfg, write_config=False)
     return False
 

@@ -14,21 +14,30 @@ from __future__ import annotations
 
 import logging
 
-from distill import storage
+from distill import integrity, storage
 from distill.augment import REAL_PARTS
 from distill.baselines import baseline_set
 from distill.config import RunConfig
 from distill.data import Dataset
-from distill.distiller import result_stamp, run_distill
+from distill.distiller import result_made_of, result_stamp, run_distill
 from distill.evaluate import ImageSet, Reference
 from distill.experts import expert_network
-from distill.freshness import is_fresh, stamp
-from distill.methods import METHODS, augment_for, crop_fill_for, distill_config, eval_network, flip_for
+from distill.freshness import digest, explain, is_fresh, made_of, stamp
+from distill.integrity import DamagedArtifactError
+from distill.methods import (
+    DISTILLED,
+    METHODS,
+    augment_for,
+    crop_fill_for,
+    distill_config,
+    eval_network,
+    flip_for,
+)
 from distill.report import write_eval_metrics
 from distill.runtime import device_for
 from distill.scores import load_scores, scores_digest, scores_exist
 from distill.search import window_search
-from distill.synset import load_synset
+from distill.synset import load_synset, read_synset_state
 from distill.trajectories import ExpertStore
 from launch.evaluate import evaluate_sets
 from launch.scores import topk_config
@@ -40,13 +49,31 @@ def _synset_url(run_dir: str, name: str) -> str:
     return storage.join(run_dir, "synset", f"{name}.pt")
 
 
-def _stored_stamp(url: str) -> str | None:
-    """The stamp recorded in a synset file's meta (None when absent or unreadable)."""
+def stored_meta(url: str) -> dict | None:
+    """The ``meta`` of a synset file (its stamp and what made it); None when absent, or damaged
+    (logged: the owning stage then makes it again)."""
     if not storage.exists(url):
         return None
     try:
-        return storage.torch_load(url).get("meta", {}).get("stamp")
-    except ValueError:  # damaged: redo it
+        return read_synset_state(url).get("meta", {})
+    except DamagedArtifactError as err:
+        log.warning("%s: making it again", err)
+        return None
+
+
+def _stored_stamp(url: str) -> str | None:
+    meta = stored_meta(url)
+    return None if meta is None else meta.get("stamp")
+
+
+def _read_checked_json(url: str, what: str) -> dict | None:
+    """A stage's own JSON result (verified); None when absent or damaged (logged: redone)."""
+    if not storage.exists(url):
+        return None
+    try:
+        return integrity.read_json(url, fix=f"the {what} is redone")
+    except DamagedArtifactError as err:
+        log.warning("%s", err)
         return None
 
 
@@ -82,13 +109,14 @@ def stage_window(base: RunConfig, ds: Dataset) -> dict:
     want = stamp(base, "window", inputs=inputs,
                  extra={"augment": augment, **_real_rows(base, augment),
                         "search": "distill.search v1"})
-    if storage.exists(url) and is_fresh(storage.read_json(url).get("stamp"), want):
+    stored = _read_checked_json(url, "window search")
+    if stored is not None and is_fresh(stored.get("stamp"), want):
         log.info("window search: present and fresh, skipped")
-        return storage.read_json(url)
+        return stored
     result = window_search(base, ds, load_scores(base.run_dir, base.scores.kind),
                            topk_scores=topk, device=device_for())
     result["stamp"] = want
-    storage.write_json(url, result)
+    integrity.write_json(url, result)
     log.info("window search on %d validation images: chose beta %.3g (validation accuracy %s)",
              result["validation_size"], result["best_beta"],
              ", ".join(f"{a:.3f}" for a in result["val_accuracy"]))
@@ -102,27 +130,66 @@ def stage_window(base: RunConfig, ds: Dataset) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def selection_made_of(rep: RunConfig, base: RunConfig, name: str,
+                      best_beta: float | None) -> dict:
+    """What makes a selection row's set in repetition ``rep`` (freshness.made_of)."""
+    inputs: dict[str, str] = {}
+    if name != "random":
+        kind = (topk_config(base) if name == "topk" else base).scores.kind
+        inputs["scores"] = f"{kind}:{scores_digest(base.run_dir, kind)}"
+    beta = best_beta if name == "window" else None
+    return made_of(rep, "selection", inputs=inputs, extra={"method": name, "beta": beta})
+
+
 def stage_selection(rep: RunConfig, base: RunConfig, name: str, ds: Dataset,
                     best_beta: float | None) -> None:
     """A selection row's set (random, topk, window at the best β, init) in the repetition."""
-    scores_cfg = topk_config(base) if name == "topk" else base
-    scores = None
-    inputs: dict[str, str] = {}
-    if name != "random":
-        kind = scores_cfg.scores.kind
-        inputs["scores"] = f"{kind}:{scores_digest(base.run_dir, kind)}"
-        scores = load_scores(base.run_dir, kind)
-    beta = best_beta if name == "window" else None
-    want = stamp(rep, "selection", inputs=inputs, extra={"method": name, "beta": beta})
+    made = selection_made_of(rep, base, name, best_beta)
+    want = digest(made)
     url = _synset_url(rep.run_dir, name)
     if is_fresh(_stored_stamp(url), want):
         log.info("selection %s (seed %d): present and fresh, skipped", name, rep.seed)
         return
+    scores = None
+    if name != "random":
+        scores = load_scores(base.run_dir, (topk_config(base) if name == "topk" else
+                                            base).scores.kind)
+    beta = best_beta if name == "window" else None
     synset = baseline_set(name, rep, ds, scores, beta)
     meta = {"method": name, "ipc": rep.select.ipc, "beta": beta if name == "window" else
             (rep.select.beta if name == "init" else None), "seed": rep.seed, "stamp": want,
-            "score": scores.kind if scores is not None else None}
+            "made_of": made, "score": scores.kind if scores is not None else None}
     synset.save(rep.run_dir, name, meta=meta, denormalize=ds.denormalize)
+
+
+def synset_made_of(rep: RunConfig, base: RunConfig, synset: str,
+                   best_beta: float | None) -> dict:
+    """What ``selmatch run`` would make ``synset`` of in repetition ``rep`` from now."""
+    if synset in DISTILLED:
+        return result_made_of(distill_config(rep, synset), base)
+    return selection_made_of(rep, base, synset, best_beta)
+
+
+class StaleSetError(ValueError):
+    """Synthetic sets that are not what the config would make (``selmatch evaluate``)."""
+
+
+def require_fresh_sets(cfg: RunConfig, synsets: list[str], best_beta: float | None) -> None:
+    """The freshness rule of ``selmatch run`` applied to sets that a command only reads: every
+    one must be what the config would make now, or a StaleSetError names each and what changed."""
+    stale = []
+    for name in synsets:
+        url = _synset_url(cfg.run_dir, name)
+        meta = read_synset_state(url).get("meta", {})  # damaged: an error naming the file
+        want = synset_made_of(cfg, cfg, name, best_beta)
+        if not is_fresh(meta.get("stamp"), digest(want)):
+            stale.append(f"{url} ({explain(meta.get('made_of'), want)})")
+    if stale:
+        raise StaleSetError(
+            f"{len(stale)} synthetic set(s) were made with other settings than this command's: "
+            f"{'; '.join(stale)}. Make them again with `selmatch run` (or `selmatch distill`) "
+            f"with the same --config and overrides, or evaluate with the settings they were "
+            f"made with")
 
 
 def stage_distill(rep: RunConfig, base: RunConfig, synset: str) -> None:
@@ -173,13 +240,13 @@ def stage_evaluate(items: list[tuple[RunConfig, str]], base: RunConfig, ds: Data
                                               "reference": ExpertStore(base).digest()},
                      extra={"augment": augment, **_real_rows(rep, augment),
                             "network": eval_network(rep)})
-        if storage.exists(out):
-            record = storage.read_json(out)
-            if is_fresh(record.get("stamp"), want):
-                log.info("evaluate %s (seed %d): present and fresh, skipped", name, rep.seed)
-                records[rep.seed, name] = record
-                continue
-        synset, state = load_synset(rep.run_dir, method.synset)
+        record = _read_checked_json(out, f"evaluation of {name}")
+        if record is not None and is_fresh(record.get("stamp"), want):
+            log.info("evaluate %s (seed %d): present and fresh, skipped", name, rep.seed)
+            records[rep.seed, name] = record
+            continue
+        synset, state = load_synset(rep.run_dir, method.synset, image_shape=ds.image_shape,
+                                    num_classes=ds.num_classes)
         stale[rep.seed, name] = (rep, synset, state.get("meta", {}), want, out, augment)
     if stale:
         sets = {key: ImageSet(synset.images().detach(), synset.labels, synset.is_distilled,
@@ -195,7 +262,7 @@ def stage_evaluate(items: list[tuple[RunConfig, str]], base: RunConfig, ds: Data
                       "n_distilled": int(synset.is_distilled.sum()), "score": meta.get("score"),
                       "iterations": meta.get("iterations"), "alpha": meta.get("alpha"),
                       "beta": meta.get("beta")}
-            storage.write_json(out, record)
+            integrity.write_json(out, record)
             log.info("evaluate %s (seed %d, %s): %.2f ± %.2f %% over %d runs", name, rep.seed,
                      augment, 100 * res.mean, 100 * res.std, res.runs)
             records[key] = record

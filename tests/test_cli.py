@@ -171,6 +171,7 @@ def test_every_entry_point_maps_an_exception_the_same_way(make, status, message,
 
     monkeypatch.setattr(tune_main, "run_tune", fail)
     monkeypatch.setattr(distill_main, "run_distill", fail)
+    monkeypatch.setattr(distill_main, "require_stages", lambda *a, **k: None)
     for prog, call in _entry_points():
         assert call() == status, prog
         assert f"{prog}: {message}" in capsys.readouterr().err, prog
@@ -185,6 +186,7 @@ def test_an_unmapped_exception_keeps_its_traceback(monkeypatch):
 
     monkeypatch.setattr(tune_main, "run_tune", fail)
     monkeypatch.setattr(distill_main, "run_distill", fail)
+    monkeypatch.setattr(distill_main, "require_stages", lambda *a, **k: None)
     for prog, call in _entry_points():
         with pytest.raises(TypeError, match="a bug"):
             call()

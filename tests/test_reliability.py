@@ -366,8 +366,14 @@ def test_nan_inside_a_scores_file_names_the_file(prepared, tmp_path, capsys, whe
         np.save(tmp_path / "f.npy", values)
         args = ["scores", "--scores.file", str(tmp_path / "f.npy")]
         name = str(tmp_path / "f.npy")
-    else:
-        np.save(tmp_path / "scores" / "forgetting.npy", values)
+    else:  # written with its checksum: NaN scores that reached the run directory intact
+        import io
+
+        from distill import integrity
+
+        buf = io.BytesIO()
+        np.save(buf, values)
+        integrity.write_bytes(f"{tmp_path}/scores/forgetting.npy", buf.getvalue())
         args = ["distill"]
         name = f"{tmp_path}/scores/forgetting.npy"
     rc, err = run_cli(capsys, args[0], "--config", config_file(cfg, tmp_path / "c.yaml"), *args[1:])
@@ -377,10 +383,13 @@ def test_nan_inside_a_scores_file_names_the_file(prepared, tmp_path, capsys, whe
 
 def test_synset_file_without_its_keys_names_file_and_keys(prepared, tmp_path, capsys):
     cfg = fresh(prepared, tmp_path, eval={"model": "convnet", "runs": 1, "epochs": 1})
-    storage.torch_save(f"{tmp_path}/synset/window.pt", {"labels": torch.zeros(3)})
+    from distill import integrity
+
+    integrity.torch_save(f"{tmp_path}/synset/window.pt", {"labels": torch.zeros(3)})
     rc, err = run_cli(capsys, "evaluate", "--config", config_file(cfg, tmp_path / "c.yaml"))
     assert rc == 2
-    assert f"{tmp_path}/synset/window.pt is not a synthetic set: missing key(s) images" in err
+    assert (f"{tmp_path}/synset/window.pt is damaged (missing key(s) images, is_distilled, "
+            f"source_index, syn_lr); re-create it with `selmatch run`") in err
 
 
 # --------------------------------------------------------------------------------------------

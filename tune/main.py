@@ -43,11 +43,12 @@ from collections.abc import Callable
 
 import yaml
 
-from distill import storage
+from distill import integrity, storage
 from distill.config import ConfigError, RunConfig
 from distill.config_io import load_config, save_config
 from distill.data import load_configured
 from distill.freshness import stamp
+from distill.lock import run_dir_lock
 from distill.methods import augment_for, flip_for
 from distill.metrics import JsonlSink, read_jsonl
 from distill.prerequisites import require_stages
@@ -88,13 +89,27 @@ class TrialLog:
 
     def __init__(self, url: str, settings: str):
         self.url, self.settings = url, settings
-        self.sink = JsonlSink(url)
+        self.sink = JsonlSink(url, checked=True)
+
+    def _recorded(self) -> list[dict]:
+        """The file's records, verified; a damaged file is moved aside (a warning) and its
+        trials are run again."""
+        try:
+            text = integrity.read_text(self.url, fix="its trials are run again")
+            return [integrity.parse_json(self.url, line, fix="its trials are run again")
+                    for line in text.splitlines() if line.strip()]
+        except integrity.DamagedArtifactError as err:
+            aside = self.url + ".damaged"
+            storage.write_bytes(aside, storage.read_bytes(self.url))
+            integrity.remove(self.url)
+            log.warning("%s (moved aside to %s)", err, aside)
+            return []
 
     def replay(self, climb: HillClimb, *, retry_failed: bool = True) -> int:
         """Feed the recorded trials of these settings to ``climb``; returns how many."""
         if not storage.exists(self.url):
             return 0
-        recorded = read_jsonl(self.url)
+        recorded = self._recorded()
         reused = []
         for rec in recorded:
             if rec.get("settings") != self.settings:
@@ -108,7 +123,7 @@ class TrialLog:
                 continue
             reused.append({**rec, "reused": True})
         skipped = len(recorded) - len(reused)
-        if skipped:  # keep them readable: the file itself now describes this search only
+        if skipped and storage.exists(self.url):  # keep them: the file describes this search
             previous = self.url.removesuffix(".jsonl") + ".previous.jsonl"
             storage.write_text(previous, storage.read_text(self.url))
             log.info("%s: %d recorded trial(s) not reused (other settings, failed or off-grid); "
@@ -272,15 +287,24 @@ def write_selected(cfg: RunConfig, beta: Decision, alpha: Decision, split: dict)
     header = "".join(f"# {line}\n" for line in lines)
     body = yaml.safe_dump({"select": {"beta": beta.value}, "distill": {"alpha": alpha.value}},
                           sort_keys=False)
-    storage.write_text(url, header + body)
+    integrity.write_text(url, header + body)
     return url
 
 
 def selected_overrides(run_dir: str) -> dict[str, float]:
-    """``{"select.beta": b, "distill.alpha": a}`` from ``<run_dir>/tune/selected.yaml``, for
-    ``load_config(F, overrides)``."""
-    data = yaml.safe_load(storage.read_text(storage.join(run_dir, "tune", "selected.yaml")))
-    return {"select.beta": data["select"]["beta"], "distill.alpha": data["distill"]["alpha"]}
+    """``{"select.beta": b, "distill.alpha": a}`` from ``<run_dir>/tune/selected.yaml``
+    (verified), for ``load_config(F, overrides)``."""
+    url = storage.join(run_dir, "tune", "selected.yaml")
+    fix = "run `selmatch tune --config F` again (finished trials are reused)"
+    try:
+        data = yaml.safe_load(integrity.read_text(url, fix=fix))
+        return {"select.beta": float(data["select"]["beta"]),
+                "distill.alpha": float(data["distill"]["alpha"])}
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        if isinstance(err, integrity.DamagedArtifactError):
+            raise
+        raise integrity.DamagedArtifactError(url, f"not the overlay selmatch tune writes "
+                                                  f"({type(err).__name__}: {err})", fix) from err
 
 
 def _records(cfg: RunConfig, kind: str) -> list[dict]:
@@ -293,7 +317,16 @@ def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = 
     if local is not None:  # Ray runs trials in their own working directory
         cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(local))
     require_stages(cfg, "tune")
+    if use_ray and cfg.run_dir.startswith("memory://"):
+        raise ValueError(f"run_dir {cfg.run_dir} lives in this process's memory, which Ray's "
+                         f"trial processes cannot write: use --no-ray, or a run_dir on storage "
+                         f"every worker reaches")
     storage.check_writable(cfg.run_dir)
+    with run_dir_lock(cfg.run_dir, "selmatch tune"):
+        return _run_tune(cfg, ray_address=ray_address, use_ray=use_ray)
+
+
+def _run_tune(cfg: RunConfig, *, ray_address: str | None, use_ray: bool) -> dict:
     ds = load_configured(cfg.data)
     scores = load_scores(cfg.run_dir, cfg.scores.kind)
     ctx = SearchContext(cfg, ds, scores)
