@@ -28,7 +28,7 @@ fi
 uncapped_steps=${UNCAPPED_STEPS:-20}
 start=$(date +%s)
 mkdir -p "$root"
-echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD)$(git diff --quiet || echo +dirty)" | tee "$root/times.txt"
+echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD)$(git diff --quiet -- distill launch tune configs bench || echo +uncommitted code)" | tee "$root/times.txt"
 
 sm experts --config "$cfg" --run_dir "$root/ipc50" --workers 2
 sm scores --config "$cfg" --run_dir "$root/ipc50"
