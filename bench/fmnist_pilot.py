@@ -16,7 +16,6 @@ Writes ``bench/results/fmnist_pilot.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os

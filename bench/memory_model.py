@@ -22,7 +22,7 @@ are also measured with the default allocator, and that difference is reported, n
 
 The calibration settings (set "cal") fit the coefficients; the validation settings ("val") differ
 in |b|, g, N, width, image size, depth, channels and set size, and are not used by the fit. The
-DESIGN.md §4 replay-prototype anchors (one H200, CUDA allocator peaks) are compared as well, and
+The H200 replay-prototype anchors (bench/results/anchors_design_h200.json, CUDA allocator peaks) are compared as well, and
 so is every GPU replay record of this code in bench/results/matching_*.json (none yet).
 Writes ``--out`` (default bench/results/memory_model_cpu) .json and .md.
 """
@@ -64,7 +64,7 @@ SETTINGS = {
     "V9": ("val", 32, 2, 8, 1, 50, 25, 10, 100),       # quickstart shape (digits)
 }
 
-# DESIGN.md §4: replay prototype, one H200, CIFAR-10 shape (ConvNet-BN width 128, 32×32×3),
+# bench/results/anchors_design_h200.json: replay prototype, one H200, CIFAR-10 shape (ConvNet-BN width 128, 32×32×3),
 # fp32, peak GiB of the CUDA allocator; |b| = g, n = 2500 images (5000 for 5000 × 80).
 GPU_ANCHORS = [(125, 55, 2500, 1.18), (500, 55, 2500, 3.9), (1000, 55, 2500, 7.8),
                (2500, 55, 2500, 18.4), (5000, 80, 5000, 36.3)]
@@ -259,7 +259,7 @@ def write(out: str, doc: dict) -> None:
     if dval:
         lines.append(f"With glibc's default allocator the largest |error| is {100 * max(dval):.1f}%"
                      " (the allocator's retention, not the step's tensors).")
-    lines += ["", "DESIGN.md §4 replay-prototype anchors (one H200, CIFAR-10 shape, width 128, "
+    lines += ["", "H200 replay-prototype anchors (one H200, CIFAR-10 shape, width 128, "
               "fp32, CUDA allocator peak; the prototype, not this code):", "",
               "| \\|b\\| = g | N | n | measured GiB | predicted GiB | error | role |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The documented 2-rank CPU recipe, RUNS times in a row beside BUSY busy-loop processes, counting
 # the runs that did not end cleanly (exit status other than 0, "terminate called" at shutdown, or
-# Runtime.close's warning that a process group outlived destroy_process_group). Issue 11 item 6;
+# Runtime.close's warning that a process group outlived destroy_process_group). docs/design.md §11;
 # figures in bench/results/teardown_stress.md.
 #
 #   bash bench/teardown_stress.sh [RUNS] [BUSY]        # default 40 runs, 2 busy loops (~10 min)

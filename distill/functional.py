@@ -13,7 +13,7 @@ Before batch or instance norm the conv bias is left out: normalising with the da
 statistics removes any per-channel shift exactly, so the function is the same and the bias's
 gradient is exactly zero (the module-based path computes that zero as rounding noise).
 
-**BN groups in one call.** Batch norm takes its statistics per BN group (DESIGN.md §2): the rows
+**BN groups in one call.** Batch norm takes its statistics per BN group (docs/design.md §4): the rows
 ``[G·g, C, H, W]`` are viewed as ``[G, g, C, H, W]`` and normalised over (g, H, W) of each group,
 so several groups of one step are computed in a single call with the same math as one call per
 group. Instance and group norm normalise per sample and need no groups.

@@ -2,7 +2,7 @@
 
 A registry (`MODELS`, `build_model`) of the networks the pipeline trains: the ConvNet that
 MTT/SelMatch use as expert and student, and the ResNet/VGG evaluation networks. A deeper ConvNet
-is `depth=4`, not a new name (STYLE.md §2). `eval_outputs` is the one batched eval-mode forward
+is `depth=4`, not a new name. `eval_outputs` is the one batched eval-mode forward
 loop (accuracy, EL2N, predictions, features). A network's parameters as one flat vector
 (`ParamLayout`, `functional_forward`) live in distill/params.py.
 

@@ -1,7 +1,7 @@
 """A network's parameters as one flat vector, and a forward pass with given parameters.
 
 Expert trajectories are stored as flat vectors θ_0…θ_E, the student takes N SGD steps on a flat
-vector, and the replay (DESIGN.md §2) differentiates a step θ_{k+1} = θ_k − lr·g_k with respect
+vector, and the replay (docs/design.md §3) differentiates a step θ_{k+1} = θ_k − lr·g_k with respect
 to θ_k, the images and lr. That needs a forward pass with *given* parameters that stays
 differentiable twice, which `torch.func.functional_call` provides without mutating or copying
 the module (`functional_forward`); `ParamLayout` maps the flat vector to named tensors.

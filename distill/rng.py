@@ -1,4 +1,4 @@
-"""Explicit randomness (STYLE.md §8): one :func:`make_generator` and one table of stream tags.
+"""Explicit randomness (docs/design.md §9): one :func:`make_generator` and one table of stream tags.
 
 Every random draw of the pipeline comes from a CPU ``torch.Generator`` seeded from a position
 tuple ``(seed, tag, position...)``: the run seed (or a seed derived from it), the tag of the

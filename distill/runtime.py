@@ -84,7 +84,7 @@ def cpu_threads(n: float) -> Iterator[None]:
 # (measured with sys.getrefcount on torch 2.14.1; FlopCounterMode, used by the estimate, and
 # torch.compile both import it), so the group outlived ``destroy_process_group`` and was
 # destructed during interpreter shutdown, where a 2-rank CPU run aborted now and then ("terminate
-# called without an active exception", exit -6; issue 11 item 6). ``Runtime.create`` therefore
+# called without an active exception", exit -6; bench/results/teardown_stress.md). ``Runtime.create`` therefore
 # imports dynamo before the group is created, and ``Runtime.close`` warns if threads remain.
 # The gloo names are checked by tests/test_teardown.py; the NCCL one is unchecked (no GPU here).
 _COMM_THREADS = ("gloo", "pt_gloo", "pt_nccl")

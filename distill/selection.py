@@ -1,6 +1,6 @@
 """Selection-based initialisation: which real images start the synthetic set, and which stay real.
 
-Semantics (DESIGN.md §2, the paper's Sec. 4 / Alg. 1):
+Semantics (docs/design.md §2, the paper's Sec. 4 / Alg. 1):
 
 * **Difficulty order.** Per class, the class's training samples sorted hardest first by the score's
   own direction (C-score ascending, forgetting and EL2N descending); ties by dataset index.
@@ -74,7 +74,7 @@ def window_start(n_c: int, beta: float) -> int:
 
 
 def window_fits(beta: float, ipc: int, n_c: int) -> bool:
-    """β + IPC/n_c ≤ 1 (within 1e-9): the rule a configured window start obeys (DESIGN.md §2),
+    """β + IPC/n_c ≤ 1 (within 1e-9): the rule a configured window start obeys (docs/design.md §2),
     checked by the config validation and by both β searches' grids."""
     return beta + ipc / n_c <= 1 + _EPS
 

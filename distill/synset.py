@@ -1,6 +1,6 @@
 """The synthetic set: frozen D_select rows, learnable D_distill rows, labels and a learnable lr.
 
-One file format for every method (DESIGN.md §1): ``<run_dir>/synset/<method>.pt`` is a
+One file format for every method (docs/design.md §1): ``<run_dir>/synset/<method>.pt`` is a
 ``torch.save`` dict with ``images`` (float, model input space), ``labels`` (long),
 ``is_distilled`` (bool), ``source_index`` (long, −1 for none), ``syn_lr`` (float), plus ``meta``.
 A PNG grid beside it shows, per class (one column each), the D_select rows above the D_distill rows.

@@ -169,7 +169,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     if _choice(problems, "scores.kind", cfg.scores.kind, list(SCORE_KINDS)):
         if cfg.scores.kind == "cscore" and not cfg.scores.file:
             problems.append("scores.file is required when scores.kind is cscore "
-                            "(C-scores cannot be computed here; e.g. ../shared/scores/cscores_CIFAR10.npz)")
+                            "(C-scores cannot be computed here; e.g. configs/scores/cscores_CIFAR10.npz)")
     if _choice(problems, "scores.topk", cfg.scores.topk, list(SCORE_KINDS)):
         if (SCORE_KINDS[cfg.scores.topk].from_experts is None and not cfg.scores.topk_file
                 and cfg.scores.topk != cfg.scores.kind):

@@ -21,7 +21,7 @@ and a rank killed by a timeout leaves a stale ``lock`` file that makes every lat
 
 This covers the ordinary training loops only. The matching step never goes through the DeepSpeed
 engine: it needs double backward, which the engine and its activation checkpointing do not support
-(DESIGN.md §3); distillation uses torch.distributed collectives through distill/runtime.py.
+(docs/design.md §11); distillation uses torch.distributed collectives through distill/runtime.py.
 """
 
 from __future__ import annotations
@@ -269,8 +269,8 @@ def report(attempts: list[list[dict]], steps: int, versions: dict, shm: dict) ->
         "Scope: this is the loop shape of experts and evaluation networks (forward, backward, "
         "optimizer step). The matching step of distillation never goes through the DeepSpeed "
         "engine: it needs double backward, which neither the engine nor DeepSpeed's activation "
-        "checkpointing supports (DESIGN.md §3). Accelerate's DeepSpeed plugin is ignored with "
-        "`cpu=True` (DESIGN.md §6), which is why this check calls DeepSpeed directly.",
+        "checkpointing supports (docs/design.md §11). Accelerate's DeepSpeed plugin is ignored with "
+        "`cpu=True` (docs/design.md §11), which is why this check calls DeepSpeed directly.",
         "",
     ]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """One map from exceptions to exit statuses and messages, for every entry point.
 
-Library code raises (STYLE.md §9); ``selmatch`` (launch/cli.py), ``python -m tune``
+Library code raises, never exits; ``selmatch`` (launch/cli.py), ``python -m tune``
 (tune/main.py) and ``accelerate launch distill/main.py`` each run their work through
 :func:`run_guarded`, so the same failure exits the same way whatever command hit it, and a Ray
 Tune trial or a CI job never mistakes a failure for a success:

@@ -161,7 +161,7 @@ def _entry_points():
                          ids=[type(make()).__name__ for make, _, _ in EXITS])
 def test_every_entry_point_maps_an_exception_the_same_way(make, status, message, monkeypatch,
                                                           capsys):
-    """Issue 13: a RuntimeError exited 1 with a message under ``python -m tune`` and escaped as
+    """Once a RuntimeError exited 1 with a message under ``python -m tune`` and escaped as
     a traceback under ``selmatch tune``; distill/main.py had a third map. One map now."""
     import distill.main as distill_main
     import tune.main as tune_main

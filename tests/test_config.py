@@ -43,7 +43,7 @@ def test_every_config_validates(path):
 
 TABLE5 = [p for p in CONFIGS if os.path.basename(p).startswith(("cifar10_", "cifar100_", "tiny_"))]
 
-# DESIGN.md §2, the paper's Table 5: IPC -> (N, M, |b|, alpha, beta, image lr, eval epochs)
+# The paper's Table 5 (docs/design.md §3): IPC -> (N, M, |b|, alpha, beta, image lr, eval epochs)
 TABLE5_ROWS = {
     "cifar10": {250: (55, 2, 125, 0.6, 0.5, 1e3, 1000), 500: (55, 2, 125, 0.2, 0.3, 1e3, 500),
                 1000: (55, 2, 125, 0.1, 0.2, 1e4, 250), 1500: (55, 2, 125, 0.1, 0.2, 1e4, 167)},
@@ -146,7 +146,7 @@ def test_bn_group_must_divide_batch():
 
 
 def test_merge_mode_with_default_batch_and_group_validates_as_it_distills():
-    """Issue 13: merge mode matches D_distill alone (quickstart: 5 of 10 images per class), so
+    """Merge mode matches D_distill alone (quickstart: 5 of 10 images per class), so
     with batch_syn and bn_group null both |b| and g are the 50 images matched: validation and the
     Distiller resolve them with one rule (distill/batching.py)."""
     from distill.batching import resolve_config

@@ -1,4 +1,4 @@
-"""Two gloo ranks on CPU compute what one process computes (DESIGN.md §2 "Batch-norm groups", §6).
+"""Two gloo ranks on CPU compute what one process computes (docs/design.md §4).
 
 Every two-rank scenario runs in ONE launch per module (process start-up dominates) through the
 harness of tests/ranks.py (spawned ranks, the rendezvous store hosted by this process, Runtime
@@ -170,7 +170,7 @@ def test_accelerate_launch_cpu_2proc_recipe(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_are_stable_beside_busy_processes(prepared, tmp_path, ranks):
-    """Issue 11 item 6: the 2-rank launch and the accelerate recipe, 3 times each, with two
+    """The 2-rank launch and the accelerate recipe, 3 times each, with two
     busy-loop processes competing for the machine's cores. Every launch must finish, agree bit
     for bit with the unloaded launch, and exit 0 without an abort at shutdown."""
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]

@@ -1,4 +1,4 @@
-"""The project's import graph: no cycle, and the layering of STYLE.md §3.
+"""The project's import graph: no cycle, and the layering the code relies on (distill/ below launch/ and tune/).
 
 Every ``import`` statement counts, also one inside a function (a cycle "closed" by a
 function-level import is still a cycle: whichever module loads first sees the other half-built),
@@ -127,7 +127,7 @@ def test_config_is_a_leaf():
 
 @pytest.mark.parametrize("module", [m for m in project_modules() if m.startswith("distill.")])
 def test_distill_stays_below_launch_and_tune_and_away_from_ray(module):
-    """STYLE.md §3: distill/ never imports ray, and nothing but distill/runtime.py imports
+    """distill/ never imports ray, and nothing but distill/runtime.py imports
     torch.distributed; the library does not reach up into launch/ or tune/ (distill/main.py, the
     ``accelerate launch`` entry script, shares the CLI's exit codes from launch/exits.py)."""
     path = project_modules()[module]

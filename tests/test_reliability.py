@@ -1,4 +1,4 @@
-"""Nothing wrong exits 0 (issue 11): stale artifacts, non-finite settings, blown-up runs, damaged
+"""Nothing wrong exits 0: stale artifacts, non-finite settings, blown-up runs, damaged
 experts, refused resumes that wrote anyway, tracebacks instead of messages, thread-count bits.
 
 docs/reliability.md lists every case here with the message a user sees. CLI cases call
@@ -96,7 +96,7 @@ def _changed(cfg: RunConfig, dotted: str) -> RunConfig:
 
 
 @pytest.mark.parametrize("stage, field, stale", [
-    ("distill", "distill.iterations", True),       # issue 11: this one was ignored
+    ("distill", "distill.iterations", True),       # once ignored
     ("distill", "distill.lr_images", True),
     ("distill", "experts.lr", True),               # syn_lr's start
     ("distill", "distill.log_every", False),

@@ -1,4 +1,4 @@
-"""Issue 11 item 6: a 2-rank run must not abort at exit.
+"""A 2-rank run must not abort at exit.
 
 The cause was a process group that outlived ``destroy_process_group``: importing
 ``torch._dynamo`` after the group exists (the estimate's FlopCounterMode does, so does

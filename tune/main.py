@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import functools
 import io
-import json
 import logging
 import math
 import os

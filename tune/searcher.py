@@ -9,7 +9,7 @@ returns ``Searcher.FINISHED`` when the climb has stopped, so Tune ends long befo
 A trial that raises (Ray marks it ERROR), reports NaN, or never reports the metric is observed as
 failed: the walk treats it as the worst value and goes on.
 
-Gotcha (DESIGN.md §6): a Searcher whose ``set_search_properties`` is not overridden keeps
+Gotcha (docs/design.md §8): a Searcher whose ``set_search_properties`` is not overridden keeps
 ``metric = None`` when Tune passes metric/mode, and the search silently stops after a few
 trials. Metric and mode are taken in the constructor and checked against Tune's.
 """
