@@ -14,10 +14,16 @@ import sys
 import time
 import warnings
 
+import os
+
 import torch
 
 from distill.augment import DSA
-from distill.matching import MatchPlan, Student, make_plan, match_replay, match_unrolled
+from distill.matching import MatchPlan, Student, make_plan, match_replay
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from helpers import match_unrolled  # noqa: E402  (the reference algorithm; not product API)
 from distill.models import build_model
 from distill.params import ParamLayout
 from distill.student import set_precision
@@ -98,7 +104,12 @@ def build_problem(spec: dict, device: torch.device, dtype: torch.dtype) -> dict:
     images = torch.randn(n, spec["channels"], size, size, generator=gen,
                          dtype=torch.float64).to(device, dtype)
     labels = torch.arange(n, device=device) % spec["classes"]
-    target = expert_like_target(model, start, images, labels, device, dtype)
+    if spec.get("target", "expert") == "offset":
+        tgen = torch.Generator().manual_seed(spec["seed"] + 2)
+        target = start + (0.01 * torch.randn(start.numel(), generator=tgen,
+                                             dtype=torch.float64)).to(device, dtype)
+    else:
+        target = expert_like_target(model, start, images, labels, device, dtype)
     probe = torch.randn(images.numel(), generator=gen, dtype=torch.float64).to(device, dtype)
     dsa = DSA() if spec["dsa"] else None
     fast = spec["method"] == "fast"
@@ -230,8 +241,9 @@ def reference_errors(spec: dict, p: dict, kept: dict[int, torch.Tensor],
     up = {k: p[k].to(torch.float64) for k in ("start", "target", "images", "lr")}
     errors = []
     for i, got in sorted(kept.items()):
-        key = tuple(spec[k] for k in ("batch", "steps", "group", "n_images", "width", "depth",
-                                      "image_size", "channels", "classes", "dsa", "seed")) + (i,)
+        key = tuple(spec.get(k) for k in ("batch", "steps", "group", "n_images", "width", "depth",
+                                          "image_size", "channels", "classes", "dsa", "seed",
+                                          "target")) + (i,)
         if key not in _REFERENCES:
             plan = plan_for(spec, i, student.dsa, device)
             _REFERENCES[key] = match_replay(student, up["start"], up["target"], up["images"],

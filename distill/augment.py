@@ -1,6 +1,6 @@
 """Differentiable Siamese Augmentation (DSA) with explicit, replayable parameters.
 
-Why explicit parameters: the matching step's exact gradient *replays* every inner step (DESIGN.md
+Why explicit parameters: the matching step's exact gradient *replays* every inner step (docs/design.md
 §2), so the augmentation of step k must be re-applied bit for bit during the backward pass, and a
 global batch sharded across ranks must see the same transform row by row. Hence the split:
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -88,10 +88,6 @@ class DSAParams:
     def __len__(self) -> int:
         return next(iter(self.values.values())).shape[0]
 
-    def to(self, device: torch.device | str) -> DSAParams:
-        """Copy onto ``device`` (values keep their dtype; ``apply`` casts floats to the image's)."""
-        return DSAParams(self.family, {k: v.to(device) for k, v in self.values.items()})
-
     def slice(self, start: int, stop: int) -> DSAParams:
         """Rows [start:stop]: the part of a global batch one rank or BN group applies."""
         return DSAParams(self.family, {k: v[start:stop] for k, v in self.values.items()})
@@ -100,15 +96,6 @@ class DSAParams:
         """The rows at positions ``rows`` (a long tensor on the values' device): the share of a
         batch a rank applies when BN groups are split across ranks."""
         return DSAParams(self.family, {k: v.index_select(0, rows) for k, v in self.values.items()})
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain dict (family name + CPU tensors) for checkpoints and logs."""
-        return {"family": self.family,
-                "values": {k: v.detach().cpu().clone() for k, v in self.values.items()}}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> DSAParams:
-        return cls(str(state["family"]), {k: torch.as_tensor(v) for k, v in state["values"].items()})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -299,11 +286,7 @@ class DSA:
     """Sample-then-apply DSA: ``sample`` draws replayable params, ``apply`` is a pure function."""
 
     def __init__(self, config: DSAConfig = DSAConfig()):
-        # DSAConfig validates itself; re-check in case someone bypassed it (e.g. object.__setattr__).
-        unknown = [f for f in config.families if f not in FAMILIES]
-        if unknown or not config.families:
-            raise ValueError(f"unknown DSA families {unknown}; valid: {', '.join(FAMILIES)}")
-        self.config = config
+        self.config = config  # DSAConfig validates itself
 
     def sample(self, batch_size: int, image_size: tuple[int, int],
                generator: torch.Generator) -> DSAParams:

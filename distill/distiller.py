@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from distill import integrity, storage
 from distill.augment import training_dsa
-from distill.batching import idle_ranks, resolve
+from distill.batching import idle_ranks, resolve_config
 from distill.config import RunConfig, syn_lr_init
 from distill.config_io import dump_yaml, save_config
 from distill.data import Dataset, load_configured
@@ -124,8 +124,7 @@ class Distiller:
                                   groups_per_call=cfg.distill.groups_per_call,
                                   team=comm.team(cfg.distill.group_ranks))
         # merge (ablation): D_distill is matched alone and concatenated afterwards
-        n_match = len(synset.distilled) if self.method == "merge" else len(synset)
-        batching = resolve(cfg.distill, n_match).check()  # the rule validation applied
+        batching = resolve_config(cfg, ds.num_classes).check()  # the rule validation applied
         self.batch, self.group = batching.batch, batching.group
         idle = idle_ranks(self.batch, self.group, cfg.distill.group_ranks, comm.world_size)
         if idle is not None and is_main:

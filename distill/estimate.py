@@ -56,10 +56,10 @@ class Coefficients:
 #    calibration settings of bench/memory_model.py (replay, ConvNet-BN width 32-128, 32×32 RGB,
 #    g = 32-128), with glibc's mmap threshold fixed so that freed tensors leave the RSS. The same
 #    value predicts the nine held-out CPU settings within 2% and the H200 replay-prototype
-#    anchors of DESIGN.md §4 (|b| = 500 … 5000) within 4%.
+#    anchors (bench/results/anchors_design_h200.json, |b| = 500 … 5000) within 4%.
 #  - cpu runtime 39 MiB: the intercept of that fit (oneDNN primitives, kornia and autograd state
 #    that the first step loads).
-#  - cuda runtime 0.144 GiB: DESIGN.md §4's |b| = g = 125 anchor (1.18 GiB) minus the modelled
+#  - cuda runtime 0.144 GiB: the H200 replay prototype's |b| = g = 125 anchor (1.18 GiB) minus the modelled
 #    terms (cuDNN/cuBLAS workspaces); the other four anchors are held out.
 # The compiled path (distill/student.py FastSteps) is modelled with the same activation
 # coefficient: not calibrated separately yet; on CPU it kept less (bench/results/
@@ -225,9 +225,8 @@ def compiled_path(cfg, net: Network, device: str) -> bool:
     """Whether the distiller would run the compiled path (distill.student.use_fast_path)."""
     from distill.student import use_fast_path
 
-    if cfg.distill.group_ranks > 1:
-        return False
-    return use_fast_path(cfg.distill.compile, net.build(), torch.device(device))[0]
+    return use_fast_path(cfg.distill.compile, net.build(), torch.device(device),
+                         cfg.distill.group_ranks)[0]
 
 
 def memory(shape: MatchingShape, device: str = "cuda") -> dict[str, float]:

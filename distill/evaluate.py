@@ -1,6 +1,6 @@
 """Evaluation: train fresh networks on a (synthetic) image set and test them on the real test set.
 
-The protocol is the paper's (App. B.3, DESIGN.md §2): SGD with momentum 0.9, weight decay 5e-4,
+The protocol is the paper's (App. B.3, docs/design.md §7): SGD with momentum 0.9, weight decay 5e-4,
 lr 0.1 with a cosine schedule stepped every iteration, batch 128, and epochs = 25% of a 200-epoch
 full-data budget (:func:`eval_epochs`). Augmentation is batched on the device; the default
 "combined" one applies DSA to distilled rows and crop + flip to selected real rows (crop padding
@@ -12,7 +12,7 @@ and coverage, the share of test samples whose feature lies within r of a synthet
 
 Decisions:
 
-* Every random choice derives from the seed and a position (STYLE.md §8): run k of
+* Every random choice derives from the seed and a position (docs/design.md §9): run k of
   :func:`evaluate_images` trains with a seed derived from (seed, k); inside
   :func:`train_network` the initialisation, the shuffle of each epoch and the augmentation of
   each step draw from separate generators (distill/rng.py). Nothing reads the clock. On CPU the same
@@ -442,17 +442,14 @@ def config_epochs(eval_cfg, n_images: int, n_train: int) -> int:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """What one row's evaluation trains on, with the row's augmentation and repetition seed
-    (None: ``eval.augment`` or combined, and the run's seed)."""
+    """What one row's evaluation trains on, with the row's augmentation (decided by
+    ``distill.methods.augment_for``, the one rule) and repetition seed (None: the run's)."""
 
     images: Tensor
     labels: Tensor
     is_distilled: Tensor | None
-    augment: str | None = None
+    augment: str
     seed: int | None = None
-
-    def augment_in(self, cfg) -> str:
-        return self.augment or cfg.eval.augment or "combined"
 
 
 Job = tuple[str, int, int]  # (set name, run index, epochs)
@@ -467,7 +464,7 @@ def run_set(cfg, ds: Dataset, images: ImageSet, run: int, epochs: int,
     ev = cfg.eval
     with cpu_threads(max(1, int(ev.num_cpus))):
         return run_correct(images.images, images.labels, ds, run=run, model=ev.model,
-                           epochs=epochs, augment=images.augment_in(cfg),
+                           epochs=epochs, augment=images.augment,
                            is_distilled=images.is_distilled, lr=ev.lr, momentum=ev.momentum,
                            weight_decay=ev.weight_decay, batch_size=ev.batch_size,
                            seed=cfg.seed if images.seed is None else images.seed, device=device,
@@ -505,7 +502,7 @@ def evaluate_sets(cfg, ds: Dataset, sets: dict[str, ImageSet], *,
         cover = None if reference is None else coverage_of(s.images, reference)
         out[m] = summarize([done[m, k] for k in range(cfg.eval.runs)], reference=reference,
                            coverage=cover, epochs=epochs[m], model=cfg.eval.model,
-                           augment=s.augment_in(cfg), n_images=len(s.images),
+                           augment=s.augment, n_images=len(s.images),
                            real=real_augment(cfg, ds.info), crop_fill=crop_fill_for(cfg),
                            **eval_network(cfg))
     return out

@@ -40,7 +40,7 @@ from distill.runtime import SOLO, Team
 from distill.student import Student
 
 __all__ = ["LOCAL", "Collectives", "LocalCollectives", "MatchPlan", "MatchResult", "StepPlan",
-           "Student", "make_plan", "match_replay", "match_unrolled", "rank_groups", "rank_share",
+           "Student", "make_plan", "match_replay", "rank_groups", "rank_share",
            "theta_pair"]
 
 class Collectives(Protocol):
@@ -221,7 +221,7 @@ def rank_share(plan: MatchPlan, rank: int, world_size: int, team_size: int = 1,
 
 def match_replay(student: Student, start: torch.Tensor, target: torch.Tensor,
                  images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, plan: MatchPlan,
-                 *, comm: Collectives = LOCAL, images_grad: bool = True) -> MatchResult:
+                 *, comm: Collectives = LOCAL) -> MatchResult:
     """Loss and exact gradients w.r.t. ``images`` and ``lr`` with memory independent of N.
 
     The per-step work is ``student.steps`` (eager reference or compiled); this function owns the
@@ -256,40 +256,13 @@ def match_replay(student: Student, start: torch.Tensor, target: torch.Tensor,
         if not share.empty:
             rows, aug = share.rows(plan.steps[k])
             h_lam, grad_x, g_dot_lam = steps.replay(thetas[k], images[rows], labels[rows], aug,
-                                                    lam, group=g, batch=b,
-                                                    images_grad=images_grad)
-            if images_grad:
-                grad_images.index_add_(0, rows, grad_x)
+                                                    lam, group=g, batch=b)
+            grad_images.index_add_(0, rows, grad_x)
             grad_lr -= g_dot_lam
         lam = lam - lr_value * comm.all_reduce_sum(h_lam)
         del thetas[k + 1]  # θ_{k+1} is no longer needed
     grad_images = comm.all_reduce_sum(grad_images) * (-lr_value)
     grad_lr = comm.all_reduce_sum(grad_lr)
-    return MatchResult(loss.detach(), grad_images, grad_lr, float(denom))
-
-
-def match_unrolled(student: Student, start: torch.Tensor, target: torch.Tensor,
-                   images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
-                   plan: MatchPlan) -> MatchResult:
-    """The reference algorithm: one graph through all N steps (memory ∝ N·|b|).
-
-    Kept for benchmarks (bench/matching.py) and as a second implementation; single process.
-    """
-    plan = plan.to(images.device)
-    x = images.detach().requires_grad_(True)
-    lr_leaf = lr.detach().requires_grad_(True)
-    theta = start.detach()
-    for step in plan.steps:
-        th = theta if theta.requires_grad else theta.requires_grad_(True)
-        loss = sum(student.group_loss(th, x[rows], labels[rows], aug, plan.batch)
-                   for rows, aug in (Share(gid * plan.group, (gid + 1) * plan.group, None,
-                                           plan.group).rows(step)
-                                     for gid in range(plan.num_groups)))
-        g = torch.autograd.grad(loss, th, create_graph=True)[0]
-        theta = th - lr_leaf * g
-    denom = (start - target).pow(2).sum()
-    loss = (theta - target).pow(2).sum() / denom
-    grad_images, grad_lr = torch.autograd.grad(loss, [x, lr_leaf])
     return MatchResult(loss.detach(), grad_images, grad_lr, float(denom))
 
 

@@ -31,8 +31,15 @@ from dataclasses import dataclass, replace
 
 from distill.estimate import MatchingShape, Network, iteration_flops
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "bench", "results")
+def _results_dir() -> str:
+    """bench/results of the checkout this code runs from, else of the working directory (an
+    installed copy run inside a checkout)."""
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "bench", "results")
+    return beside if os.path.isdir(beside) else os.path.join(os.getcwd(), "bench", "results")
+
+
+RESULTS_DIR = _results_dir()
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,7 @@ class Steps(Protocol):
                  group: int, batch: int) -> Tensor: ...
 
     def replay(self, theta: Tensor, x: Tensor, y: Tensor, aug: DSAParams | None, lam: Tensor, *,
-               group: int, batch: int,
-               images_grad: bool) -> tuple[Tensor, Tensor | None, Tensor]: ...
+               group: int, batch: int) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,15 +92,15 @@ class Student:
         buffers = {name: b.detach().to(device, dtype if b.is_floating_point() else b.dtype).clone()
                    for name, b in model.named_buffers()}
         student = cls(model, ParamLayout.of(model), dsa, buffers)
-        fast, why = use_fast_path(compile, model, torch.device(device))
-        if team is not None and team.size > 1:
+        size = team.size if team is not None else 1
+        fast, why = use_fast_path(compile, model, torch.device(device), size)
+        if size > 1:
             net = functional_convnet(model)
             if net is None:
                 raise ValueError(f"distill.group_ranks ({team.size}) spreads BN groups over "
                                  f"ranks with the functional ConvNet; {type(model).__name__} "
                                  f"has no functional form: use distill.group_ranks: 1")
             student.steps = TeamSteps(net, dsa, team)
-            why = f"distill.group_ranks {team.size}: cross-rank BN statistics run uncompiled"
         elif fast:
             student.steps = FastSteps(functional_convnet(model), dsa, student.steps,
                                       cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
@@ -127,10 +126,13 @@ def compile_choice(value: str | bool) -> str:
     return choice
 
 
-def use_fast_path(choice: str | bool, model: torch.nn.Module,
-                  device: torch.device) -> tuple[bool, str]:
-    """Whether the compiled path runs, and why (one log line)."""
+def use_fast_path(choice: str | bool, model: torch.nn.Module, device: torch.device,
+                  group_ranks: int = 1) -> tuple[bool, str]:
+    """Whether the compiled path runs, and why (one log line): the one rule, which the
+    distiller and the estimate both ask."""
     choice = compile_choice(choice)
+    if group_ranks > 1:
+        return False, f"distill.group_ranks {group_ranks}: cross-rank BN statistics run uncompiled"
     if choice == "off":
         return False, "distill.compile: off"
     if functional_convnet(model) is None:
@@ -170,30 +172,29 @@ class EagerSteps:
             grad += torch.autograd.grad(loss, th)[0]
         return grad
 
-    def replay(self, theta, x, y, aug, lam, *, group, batch, images_grad):
+    def replay(self, theta, x, y, aug, lam, *, group, batch):
         th = theta.detach().requires_grad_(True)
         h_lam = torch.zeros_like(theta)
         g_dot_lam = torch.zeros((), dtype=theta.dtype, device=theta.device)
-        grad_x = torch.zeros_like(x) if images_grad else None
+        grad_x = torch.zeros_like(x)
         for lo, hi in _slices(len(x), group):
-            xb = x[lo:hi].detach().requires_grad_(images_grad)
+            xb = x[lo:hi].detach().requires_grad_(True)
             loss = self.student.group_loss(th, xb, y[lo:hi], _aug_slice(aug, lo, hi), batch)
-            h, gx, dot = _replay_by_double_backward(loss, th, xb, lam, images_grad)
+            h, gx, dot = _replay_by_double_backward(loss, th, xb, lam)
             h_lam += h
-            if images_grad:
-                grad_x[lo:hi] = gx
+            grad_x[lo:hi] = gx
             g_dot_lam += dot
         return h_lam, grad_x, g_dot_lam
 
 
-def _replay_by_double_backward(loss: Tensor, th: Tensor, xb: Tensor, lam: Tensor,
-                               images_grad: bool) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(H·λ, ∂(g·λ)/∂x or None, g·λ) for g = ∇θ ``loss``, by autograd's double backward
-    (the eager reference and the team steps)."""
+def _replay_by_double_backward(loss: Tensor, th: Tensor, xb: Tensor,
+                               lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(H·λ, ∂(g·λ)/∂x, g·λ) for g = ∇θ ``loss``, by autograd's double backward (the eager
+    reference and the team steps)."""
     g = torch.autograd.grad(loss, th, create_graph=True)[0]
     dot = (g * lam).sum()
-    parts = torch.autograd.grad(dot, [th, xb] if images_grad else [th])
-    return parts[0], (parts[1] if images_grad else None), dot.detach()
+    h, gx = torch.autograd.grad(dot, [th, xb])
+    return h, gx, dot.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def _kernels(net: FunctionalConvNet):
     return gradient, replay
 
 
-BACKEND = "inductor"  # torch.compile backend of the fast path; tests use "eager" (capture only)
+_BACKEND = "inductor"  # torch.compile's backend for the fast path
 
 
 def _allow_recompiles(limit: int = 64) -> None:
@@ -248,12 +249,11 @@ class FastSteps:
     """
 
     def __init__(self, net: FunctionalConvNet, dsa: DSA | None, reference: EagerSteps, *,
-                 cuda_graphs: bool = False, groups_per_call: int | None = None,
-                 backend: str | None = None):
+                 cuda_graphs: bool = False, groups_per_call: int | None = None):
         self.dsa, self.reference = dsa, reference
         self.groups_per_call = groups_per_call
         self.cuda_graphs = cuda_graphs
-        self.backend = backend or BACKEND
+        self.backend = _BACKEND
         gradient, replay = _kernels(net)
         mode = "reduce-overhead" if cuda_graphs else None
         options = {"backend": self.backend, "fullgraph": True, "dynamic": False}
@@ -283,15 +283,13 @@ class FastSteps:
             key, lambda: self._fast_gradient(theta, x, y, aug, group, batch),
             lambda: self.reference.gradient(theta, x, y, aug, group=group, batch=batch))
 
-    def replay(self, theta, x, y, aug, lam, *, group, batch, images_grad):
+    def replay(self, theta, x, y, aug, lam, *, group, batch):
         if self.failed:
-            return self.reference.replay(theta, x, y, aug, lam, group=group, batch=batch,
-                                         images_grad=images_grad)
+            return self.reference.replay(theta, x, y, aug, lam, group=group, batch=batch)
         key = ("replay", tuple(x.shape), group, batch, x.dtype)
         return self._first_call_checked(
-            key, lambda: self._fast_replay(theta, x, y, aug, lam, group, batch, images_grad),
-            lambda: self.reference.replay(theta, x, y, aug, lam, group=group, batch=batch,
-                                          images_grad=images_grad))
+            key, lambda: self._fast_replay(theta, x, y, aug, lam, group, batch),
+            lambda: self.reference.replay(theta, x, y, aug, lam, group=group, batch=batch))
 
     def _chunks(self, rows: int, group: int):
         per_call = (self.groups_per_call or rows // group) * group
@@ -311,25 +309,24 @@ class FastSteps:
             total += self._call(self._gradient, theta, xa, y[lo:hi], (hi - lo) // group, batch)
         return total
 
-    def _fast_replay(self, theta, x, y, aug, lam, group, batch, images_grad):
+    def _fast_replay(self, theta, x, y, aug, lam, group, batch):
         theta, lam = theta.detach(), lam.detach()
         h_lam = torch.zeros_like(theta)
         g_dot_lam = torch.zeros((), dtype=theta.dtype, device=theta.device)
-        grad_x = torch.zeros_like(x) if images_grad else None
+        grad_x = torch.zeros_like(x)
         for lo, hi in self._chunks(len(x), group):
             xc = x[lo:hi].detach()
             if aug is None:
                 xa = xc
             else:  # keep the (linear) augmentation's graph for its vector-Jacobian product
-                xc.requires_grad_(images_grad)
+                xc.requires_grad_(True)
                 with torch.enable_grad():
                     xa = self.dsa.apply(xc, aug.slice(lo, hi))
             h, gxa, d = self._call(self._replay, theta, xa.detach(), y[lo:hi], lam,
                                    (hi - lo) // group, batch)
             h_lam += h
             g_dot_lam += d
-            if images_grad:
-                grad_x[lo:hi] = gxa if aug is None else torch.autograd.grad(xa, xc, gxa)[0]
+            grad_x[lo:hi] = gxa if aug is None else torch.autograd.grad(xa, xc, gxa)[0]
         return h_lam, grad_x, g_dot_lam
 
     # -- first call: compile, time, check ----------------------------------------------------
@@ -399,11 +396,10 @@ class TeamSteps:
         th = theta.detach().requires_grad_(True)
         return torch.autograd.grad(self._loss(th, x, y, aug, group, batch), th)[0]
 
-    def replay(self, theta, x, y, aug, lam, *, group, batch, images_grad):
+    def replay(self, theta, x, y, aug, lam, *, group, batch):
         th = theta.detach().requires_grad_(True)
-        xb = x.detach().requires_grad_(images_grad)
-        return _replay_by_double_backward(self._loss(th, xb, y, aug, group, batch), th, xb, lam,
-                                          images_grad)
+        xb = x.detach().requires_grad_(True)
+        return _replay_by_double_backward(self._loss(th, xb, y, aug, group, batch), th, xb, lam)
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,8 +67,8 @@ class ExpertStore:
     def _read_manifest(self, url: str) -> dict:
         """The manifest's JSON, verified (distill/integrity.py; one written before checksums
         existed is read unverified) and checked for the structure the store relies on."""
-        fix = (f"run `selmatch experts --config F`: it moves the damaged manifest aside and "
-               f"trains the experts again (their files cannot be verified without it)")
+        fix = ("run `selmatch experts --config F`: it moves the damaged manifest aside and "
+               "trains the experts again (their files cannot be verified without it)")
         if integrity.recorded(url) is None:  # an older run directory: the files' sha256 remain
             text = storage.read_text(url)
         else:

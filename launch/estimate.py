@@ -62,9 +62,9 @@ def report(e: RunEstimate) -> str:
                      f"iterations, from the nearest measured record ({e.time.distance}): "
                      f"{e.time.source}")
     else:
-        lines.append(f"time: no measured profile of this device kind and path in bench/results/ "
-                     f"(python bench/matching.py or bench/loop_profile.py records one); FLOPs "
-                     f"above")
+        lines.append("time: no measured profile of this device kind and path in bench/results/ "
+                     "(python bench/matching.py or bench/loop_profile.py records one); FLOPs "
+                     "above")
     lines += [f"warning: {w}" for w in e.warnings]
     lines.append(summary_line(e))
     return "\n".join(lines)

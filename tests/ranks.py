@@ -31,14 +31,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distill.augment import DSA
 from distill.config_io import load_config
 from distill.data import load_configured
 from distill.distiller import Distiller, initial_set, run_distill
-from distill.matching import LOCAL, Student, make_plan
-from distill.models import build_model
-from distill.params import ParamLayout
+from distill.matching import LOCAL
 from distill.synset import load_synset
+from helpers import matching_problem, rel  # noqa: F401 (rel: used by the rank tests)
 from distill.trajectories import ExpertStore
 from tiny import tiny_config
 
@@ -105,11 +103,6 @@ def launch(body, *, world: int, args: tuple, out_dir: Path, timeout: float) -> l
     return ranks
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
 # --------------------------------------------------------------------------------------------
 # The problems, built identically in every process
 # --------------------------------------------------------------------------------------------
@@ -117,18 +110,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def match_problem(groups: int, dtype=torch.float64):
     """A matching step with |b| = groups * GROUP: DSA on, 3 inner steps, depth-2 ConvNet-BN."""
-    torch.manual_seed(0)
-    model = build_model("convnet", in_channels=1, num_classes=3, image_size=8, width=4, depth=2,
-                        norm="batch").to(dtype)
-    start = ParamLayout.of(model).flatten(model).detach().clone()
-    target = start + 0.05 * torch.randn_like(start)
-    images = torch.randn(16, 1, 8, 8, dtype=dtype)
-    labels = torch.arange(16) % 3
-    dsa = DSA()
-    plan = make_plan(16, batch=groups * GROUP, steps=3, group=GROUP, image_size=(8, 8), dsa=dsa,
-                     seed=1, iteration=7)
-    student = Student.of(model, dsa, dtype, "cpu")
-    return student, start, target, images, labels, torch.tensor(0.3, dtype=dtype), plan
+    return matching_problem(n=16, batch=groups * GROUP, group=GROUP, plan_seed=1, iteration=7,
+                            dtype=dtype)
 
 
 def cfg_for(run_dir, **distill):

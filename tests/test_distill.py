@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 
@@ -12,7 +14,8 @@ from distill import storage
 from distill.config import syn_lr_init
 from distill.data import load_configured
 from distill.distiller import DivergenceError, Distiller, initial_set, run_distill
-from distill.matching import make_plan, match_unrolled
+from distill.matching import make_plan
+from helpers import match_unrolled, replaced_step
 from distill.scores import load_scores
 from distill.selection import select_window
 from distill.synset import load_synset
@@ -129,37 +132,46 @@ def test_resume_with_other_settings_is_refused(prepared, tmp_path):
 
 def test_divergence_stops_with_clear_error_and_keeps_checkpoint(prepared, tmp_path):
     cfg = fresh(prepared, tmp_path, distill={"iterations": 6, "checkpoint_every": 2})
-    real_step = Distiller.step
-
-    def poison(self, iteration):
+    def poison(real_step, self, iteration):
         if iteration == 3:
             with torch.no_grad():
                 self.synset.distilled[:, 0, 0, 0] = float("nan")
         return real_step(self, iteration)
 
-    Distiller.step = poison
-    try:
-        with pytest.raises(DivergenceError, match="not finite at iteration 3.*lr_images"):
-            run_distill(cfg, progress=False)
-    finally:
-        Distiller.step = real_step
+    with replaced_step(poison), pytest.raises(DivergenceError,
+                                              match="not finite at iteration 3.*lr_images"):
+        run_distill(cfg, progress=False)
     ckpt = storage.torch_load(f"{cfg.run_dir}/checkpoints/selmatch.pt")
     assert ckpt["iteration"] == 2 and torch.isfinite(ckpt["distilled"]).all()
     assert not storage.exists(f"{cfg.run_dir}/synset/selmatch.pt")
 
 
-def test_merge_distills_the_easy_part_alone(prepared, tmp_path):
+def test_merge_distills_the_easy_part_alone(prepared, tmp_path, monkeypatch):
+    """Merge matches D_distill alone: every student step draws from the 20 learnable images
+    (joint mode: from all 40), and the result differs from the joint run's."""
+    import distill.distiller as distiller_mod
+
+    drawn = []
+    real_plan = distiller_mod.make_plan
+    monkeypatch.setattr(distiller_mod, "make_plan",
+                        lambda n, **kw: (drawn.append(n), real_plan(n, **kw))[1])
     cfg = fresh(prepared, tmp_path, distill={"mode": "merge", "batch_syn": 10})
     run_distill(cfg, progress=False)
     window, _ = load_synset(cfg.run_dir, "merge_init")
     _, state = load_synset(cfg.run_dir, "merge")
     frozen = ~state["is_distilled"]
+    assert set(drawn) == {int(state["is_distilled"].sum())} == {20}
     assert torch.equal(state["images"][frozen], window.images()[frozen])
     assert not torch.equal(state["images"][~frozen], window.images()[~frozen])
+    joint = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, mode="joint"))
+    drawn.clear()
+    run_distill(joint, progress=False)
+    _, other = load_synset(cfg.run_dir, "selmatch")
+    assert set(drawn) == {40} and not torch.equal(other["images"], state["images"])
 
 
 def test_merge_with_default_batch_and_group_runs(prepared, tmp_path, capsys, monkeypatch):
-    """Issue 13's bug: ``selmatch distill --distill.mode merge --distill.batch_syn null
+    """A bug once: ``selmatch distill --distill.mode merge --distill.batch_syn null
     --distill.bn_group null`` passed validation, then the Distiller refused g = the whole set
     (40) for a batch capped at the 20 images matched. Both are 20 now, and it runs."""
     from distill.config_io import dump_yaml

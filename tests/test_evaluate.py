@@ -11,7 +11,6 @@ import torch
 
 from distill import augment as augment_mod
 from distill import evaluate as ev
-from distill.config import EvalConfig
 from distill.data import load_dataset
 from distill.evaluate import (
     EvalResult,
@@ -277,7 +276,7 @@ def test_evaluate_sets_takes_every_setting_from_the_config(monkeypatch, syntheti
                               "weight_decay": 1e-4, "batch_size": 64, "augment": "simple"},
                      "seed": 7}, check=False)
     images = synthetic.x_train[:18]  # 18 / 60 = 30% of the training set -> 167 epochs
-    sets = {"a": ev.ImageSet(images, synthetic.y_train[:18], None)}
+    sets = {"a": ev.ImageSet(images, synthetic.y_train[:18], None, augment="simple")}
     res = ev.evaluate_sets(cfg, synthetic, sets, progress=False)["a"]
     assert len(calls) == 4 and [c["run"] for c in calls] == [0, 1, 2, 3]
     first = calls[0]
@@ -292,8 +291,9 @@ def test_evaluate_sets_takes_every_setting_from_the_config(monkeypatch, syntheti
     assert (res.width, res.depth, res.flip, res.crop_fill) == (16, 2, False, "black")
     calls.clear()
     other = dataclasses.replace(cfg, eval=dataclasses.replace(
-        cfg.eval, model="resnet18", epochs=11, flip=True, crop_fill="mean", augment="dsa"))
-    res = ev.evaluate_sets(other, synthetic, sets, progress=False)["a"]
+        cfg.eval, model="resnet18", epochs=11, flip=True, crop_fill="mean"))
+    res = ev.evaluate_sets(other, synthetic, {"a": dataclasses.replace(sets["a"], augment="dsa")},
+                           progress=False)["a"]
     assert calls[0]["epochs"] == 11 and (calls[0]["width"], calls[0]["norm"]) == (128, "batch")
     assert calls[0]["real"].flip is True and calls[0]["real"].fill is None
     assert res.flip is None and res.crop_fill is None  # DSA has no crop + flip part

@@ -27,7 +27,7 @@ def prepared(tmp_path_factory):
     sets = {}
     for method in ("random", "window"):
         s, _ = load_synset(cfg.run_dir, method)
-        sets[method] = ImageSet(s.images().detach(), s.labels, s.is_distilled)
+        sets[method] = ImageSet(s.images().detach(), s.labels, s.is_distilled, augment="combined")
     return cfg, ds, sets
 
 

@@ -1,7 +1,7 @@
 """The compiled matching path with two gloo ranks, and through the Distiller, equals the eager
 reference path in one process (float64, ≤ 1e-10 relative).
 
-With ``backend="eager"`` dynamo captures the torch.func steps without generating code (seconds:
+With the "eager" backend dynamo captures the torch.func steps without generating code (seconds:
 the default run); with Inductor every rank compiles its own shapes (minutes on 2 cores: slow).
 """
 
@@ -25,13 +25,16 @@ CASES = (4, 3)  # |b| / g with g = 2: two groups per rank, and an uneven 2 + 1 s
 
 def fast_problem(groups: int, backend: str):
     student, *rest = match_problem(groups)
-    student.steps = FastSteps(functional_convnet(student.model), student.dsa, student.steps,
-                              backend=backend)
+    old, student_mod._BACKEND = student_mod._BACKEND, backend
+    try:
+        student.steps = FastSteps(functional_convnet(student.model), student.dsa, student.steps)
+    finally:
+        student_mod._BACKEND = old
     return (student, *rest)
 
 
 def _fast_scenarios(rt, run_dir: str, backend: str, cases: tuple[int, ...]) -> dict:
-    student_mod.BACKEND = backend
+    student_mod._BACKEND = backend
     out: dict = {}
     for groups in cases:
         args = fast_problem(groups, backend)
@@ -81,7 +84,7 @@ def test_compiled_fast_path_two_ranks_equals_one_process(prepared, tmp_path):
 @pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_distiller_fast_path_equals_eager_five_iterations(prepared, monkeypatch, caplog,
                                                           backend):
-    monkeypatch.setattr(student_mod, "BACKEND", backend)
+    monkeypatch.setattr(student_mod, "_BACKEND", backend)
     ref, lr_ref = run_distiller(prepared, torch.float64)
     with caplog.at_level(logging.INFO, logger="distill.student"):
         got, lr_got = run_distiller(prepared, torch.float64, compile="on")

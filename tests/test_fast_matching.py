@@ -9,6 +9,7 @@ about a minute per compiled shape on 2 cores, so one shape runs by default and t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -16,41 +17,40 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from distill import student as student_mod
-from distill.augment import DSA, DSAConfig, FAMILIES
+from distill.augment import FAMILIES
 from distill.functional import functional_convnet
-from distill.matching import MatchPlan, Student, make_plan, match_replay
+from distill.matching import MatchPlan, Student, match_replay
 from distill.models import build_model
 from distill.params import ParamLayout
 from distill.student import EagerSteps, FastSteps
-
-DT = torch.float64
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
+from helpers import DT, matching_problem, rel
 
 def problem(*, group=6, batch=6, steps=3, families=FAMILIES, norm="batch", depth=2, seed=0,
             n=12, classes=3):
-    torch.manual_seed(seed)
-    model = build_model("convnet", in_channels=1, num_classes=classes, image_size=8, width=4,
-                        depth=depth, norm=norm).to(DT)
-    start = ParamLayout.of(model).flatten(model).detach().clone()
-    target = start + 0.05 * torch.randn_like(start)
-    images = torch.randn(n, 1, 8, 8, dtype=DT)
-    labels = torch.arange(n) % classes
-    dsa = DSA(DSAConfig(families=tuple(families))) if families else None
-    plan = make_plan(n, batch=batch, steps=steps, group=group, image_size=(8, 8), dsa=dsa,
-                     seed=seed, iteration=3)
-    return model, dsa, (start, target, images, labels, torch.tensor(0.3, dtype=DT), plan)
+    model, dsa, *args = matching_problem(group=group, batch=batch, steps=steps,
+                                         families=families, norm=norm, depth=depth, seed=seed,
+                                         n=n, classes=classes, iteration=3, student=False)
+    return model, dsa, tuple(args)
 
 
 def students(model, dsa, backend, **fast):
     eager = Student.of(model, dsa, DT, "cpu", compile="off")
     fast_student = Student.of(model, dsa, DT, "cpu", compile="off")
-    fast_student.steps = FastSteps(functional_convnet(model), dsa, fast_student.steps,
-                                   backend=backend, **fast)
+    with compile_backend(backend):
+        fast_student.steps = FastSteps(functional_convnet(model), dsa, fast_student.steps,
+                                       **fast)
     return eager, fast_student
+
+
+@contextlib.contextmanager
+def compile_backend(backend: str):
+    """The fast path compiled with ``backend``: "eager" is dynamo's capture without code
+    generation (seconds), "inductor" the product's."""
+    old, student_mod._BACKEND = student_mod._BACKEND, backend
+    try:
+        yield
+    finally:
+        student_mod._BACKEND = old
 
 
 def assert_same(a, b, tol=1e-10):

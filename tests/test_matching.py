@@ -6,36 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.augment import DSA, DSAConfig
-from distill.matching import (
-    MatchPlan,
-    Student,
-    make_plan,
-    match_replay,
-    match_unrolled,
-    rank_groups,
-)
-from distill.models import build_model
-from distill.params import ParamLayout, functional_forward
+from distill.augment import DSA, DSAConfig, FAMILIES
+from distill.matching import MatchPlan, Student, make_plan, match_replay, rank_groups
+from distill.params import functional_forward
+from helpers import match_unrolled, matching_problem, rel
 
 DT = torch.float64
 
 
 def problem(depth=2, n=12, classes=3, steps=3, batch=6, group=6, dsa=True, seed=0):
-    torch.manual_seed(seed)
-    model = build_model("convnet", in_channels=1, num_classes=classes, image_size=8, width=4,
-                        depth=depth, norm="batch").to(DT)
-    layout = ParamLayout.of(model)
-    start = layout.flatten(model).detach().clone()
-    target = start + 0.05 * torch.randn_like(start)
-    images = torch.randn(n, 1, 8, 8, dtype=DT)
-    labels = torch.arange(n) % classes
-    aug = DSA() if dsa else None
-    plan = make_plan(n, batch=batch, steps=steps, group=group, image_size=(8, 8), dsa=aug,
-                     seed=seed, iteration=5)
-    student = Student.of(model, aug, DT, "cpu")
-    lr = torch.tensor(0.3, dtype=DT)
-    return student, start, target, images, labels, lr, plan
+    return matching_problem(depth=depth, n=n, classes=classes, steps=steps, batch=batch,
+                            group=group, families=FAMILIES if dsa else None, seed=seed)
 
 
 def naive_unroll(student: Student, start, target, images, labels, lr, plan: MatchPlan):
@@ -61,10 +42,6 @@ def naive_unroll(student: Student, start, target, images, labels, lr, plan: Matc
     return loss.detach(), gx, glr
 
 
-def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
 @pytest.mark.parametrize("depth,group,steps", [(1, 6, 3), (2, 6, 4), (2, 3, 3), (2, 2, 5)])
 def test_replay_equals_full_unroll_float64(depth, group, steps):
     args = problem(depth=depth, group=group, steps=steps)
@@ -87,7 +64,7 @@ def test_replay_without_augmentation_and_with_repeated_rows():
 
 
 def test_groups_change_the_math_but_grouping_is_exact():
-    # BN with groups of 3 is a different function than groups of 6 (DESIGN.md §2) ...
+    # BN with groups of 3 is a different function than groups of 6 (docs/design.md §4) ...
     full = match_replay(*problem(group=6))
     grouped = match_replay(*problem(group=3))
     assert rel(grouped.grad_images, full.grad_images) > 1e-3
@@ -97,13 +74,6 @@ def test_groups_change_the_math_but_grouping_is_exact():
     assert abs(float(grouped.loss) - float(loss)) <= 1e-12 * abs(float(loss))
     assert rel(grouped.grad_images, gx) < 1e-8 and rel(grouped.grad_lr, glr) < 1e-8
     assert rel(full.grad_images, gx) > 1e-3  # the reference does see the groups
-
-
-def test_images_grad_can_be_skipped():
-    args = problem()
-    a = match_replay(*args)
-    b = match_replay(*args, images_grad=False)
-    assert torch.equal(a.grad_lr, b.grad_lr) and float(b.grad_images.abs().sum()) == 0.0
 
 
 def test_plan_batches_cycle_without_replacement():

@@ -271,7 +271,7 @@ def test_eval_flip_overrides_the_dataset_default():
 
 
 def test_alpha_trial_resumed_logs_each_step_once(tmp_path):
-    from distill.distiller import Distiller
+    from helpers import killed_at
     from tune.main import alpha_trial_dir
     from tune.trials import alpha_trial
     from test_metrics import scalars
@@ -283,19 +283,8 @@ def test_alpha_trial_resumed_logs_each_step_once(tmp_path):
     ds = load_configured(cfg.data)
     ctx = SearchContext(cfg, ds, load_scores(cfg.run_dir, "forgetting"))
     trial_dir = alpha_trial_dir(cfg, 0.5)
-    real_step = Distiller.step
-
-    def killed(self, it):
-        if it == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, it)
-
-    Distiller.step = killed
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            alpha_trial(ctx, 0.5, beta=0.2, trial_dir=trial_dir)
-    finally:
-        Distiller.step = real_step
+    with killed_at(5), pytest.raises(KeyboardInterrupt):
+        alpha_trial(ctx, 0.5, beta=0.2, trial_dir=trial_dir)
     ckpt = torch.load(f"{trial_dir}/checkpoints/selmatch.pt", weights_only=False)
     assert ckpt["iteration"] == 4
     out = alpha_trial(ctx, 0.5, beta=0.2, trial_dir=trial_dir)

@@ -1,5 +1,5 @@
 """One BN group spread over several ranks (``distill.group_ranks``) computes what one process
-computes with whole groups: float64, ≤ 1e-10 relative (DESIGN.md §6, issue 14).
+computes with whole groups: float64, ≤ 1e-10 relative (docs/design.md §4).
 
 Each member of a team holds g / R rows of every group of its team; batch norm sums its
 statistics over the team with a differentiable all-reduce, so the replay's double backward
@@ -53,7 +53,7 @@ def _split_scenarios(rt, run_dir: str, team_size: int) -> dict:
                            batch=plan.batch)
     middle = team.collectives
     student.steps.replay(theta, images[rows], labels[rows], None, torch.ones_like(theta),
-                         group=share.group_rows, batch=plan.batch, images_grad=True)
+                         group=share.group_rows, batch=plan.batch)
     out["collectives"] = (middle - before, team.collectives - middle)
     return out
 

@@ -43,18 +43,8 @@ def distill_killed_at(cfg: RunConfig, iteration: int) -> None:
     0, so the steps logged before are 1..iteration); checks that the kill did happen."""
     import pytest
 
-    from distill.distiller import Distiller, run_distill
+    from distill.distiller import run_distill
+    from helpers import killed_at
 
-    real_step = Distiller.step
-
-    def killed(self, it):
-        if it == iteration:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, it)
-
-    Distiller.step = killed
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_distill(cfg, progress=False)
-    finally:
-        Distiller.step = real_step
+    with killed_at(iteration), pytest.raises(KeyboardInterrupt):
+        run_distill(cfg, progress=False)
