@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU work of one device session, prepared so that it runs in one call per part.
 #
-#   bash bench/gpu_checks.sh matching   # issue 10: eager / fast replay and the full unroll at the CIFAR-10
+#   bash bench/gpu_checks.sh matching   # eager / fast replay and the full unroll at the CIFAR-10
 #                                       # IPC 250 shape (TF32 on, off), the fast path at |b| 1000 x N 55 and
 #                                       # 5000 x 80, and the real distillation loop's s/iteration
 #   SMOKE=1 bash bench/gpu_checks.sh matching   # the same on tiny shapes (checks the script on a CPU)
-#   bash bench/gpu_checks.sh fmnist     # shortened Fashion-MNIST 5% and 10% (IPC 300, 600): the paper's
-#                                       # rows (Table 1 baselines, Table 3 ablation, init alone), 2 seeds
+#   bash bench/gpu_checks.sh fmnist     # bench/fmnist_cpu.sh's comparison at full scale, shortened:
+#                                       # Fashion-MNIST 5% and 10% (IPC 300, 600), tune, every row,
+#                                       # the uncapped SelMatch row, 2 seeds
 #   SMOKE=1 bash bench/gpu_checks.sh fmnist   # the same on a tiny subset (checks the script on a CPU)
 #
 # The GPU host has torch, accelerate, numpy, matplotlib, but neither Ray, kornia nor DeepSpeed and
@@ -21,7 +22,7 @@
 #   mkdir -p /tmp/block; for m in ray sklearn tensorboard tensorboardX deepspeed; do mkdir -p /tmp/block/$m;
 #     echo "raise ImportError('$m: not on the GPU image')" > /tmp/block/$m/__init__.py; done
 #   PYTHONPATH=/tmp/block SMOKE=1 bash bench/gpu_checks.sh matching     (passed 2026-11-30)
-# Nothing here needs Ray: experts are trained in-process (--workers 0).
+# Nothing here needs Ray: experts, tune trials and evaluations run in-process.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/selmatch_gpu_out}"
@@ -36,7 +37,7 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and
 
 case "${1:-}" in
   matching)
-    # issue 10, about 5 min of device time: eager replay, fast replay and the full unroll at
+    # about 5 min of device time: eager replay, fast replay and the full unroll at
     # 125 x 55 with TF32 on and off (grad err vs float64, host syncs), the fast path at
     # 1000 x 55 and 5000 x 80 (g 5000 and g 500), then the real loop on CIFAR-shaped data.
     budget="${BUDGET:-200}"
@@ -52,52 +53,60 @@ case "${1:-}" in
       --out "$OUT/distill_speed_gpu" "${ds[@]}" 2>&1 | tail -40 | tee "$OUT/distill_speed.log"
     ;;
   fmnist)
-    # One call, both ratios, every row of the paper's comparison, 2 repetition seeds, budgets cut to
-    # fit ~5 minutes of one H200 (each report's command line and config say which; so does
-    # $OUT/fmnist_command.txt):
-    #   experts 3 x 6 epochs (config: 10 x 30), trained once and shared by both ratios, T+ = 4;
-    #   distillation 20 iterations (config: 2,000) for each of SelMatch, MTT, select-init + full
-    #   update, per seed; evaluation ConvNet-BN, 1 run x 15 epochs per seed and row (config:
-    #   ResNet-18, 3 runs, the 25%-budget epoch rule); window search with beta step 0.2.
-    # Estimate from DESIGN.md 4's anchors (expert epoch ~1 s at 50k images; replay step ~13 ms at
-    # |b| 125; ConvNet step ~3-5 ms): experts ~25 s, 12 distillations x ~6 s, 32 evaluation runs
-    # (360 or 705 steps each) ~90 s, window searches ~5 s, start-up,
-    # CUDA init and ~15 dataset decodes ~50 s: about 4 minutes.
-    common=(--workers 0 --seeds 0 1 --experts.num_gpus 1 --experts.num_experts 3
-            --experts.epochs 6 --distill.max_start_epoch 4 --distill.iterations 20
-            --distill.checkpoint_every 10 --distill.log_every 10 --eval.model convnet
-            --eval.runs 1 --eval.epochs 15 --tune.beta_step 0.2)
-    smoke300=(); smoke600=()
+    # The comparison of bench/fmnist_cpu.sh (configs/fmnist_cpu.yaml: tune, then run, every row,
+    # and the uncapped SelMatch row) at the paper's scale where it matters: the full 60,000
+    # training images, ConvNet-BN width 128, ResNet-18 evaluation, IPC 300 and 600 (5% and 10%).
+    # Budgets cut to fit ~5 minutes of one H200 (each report's command line and config say
+    # which; so does $OUT/fmnist_command.txt): experts 3 x 6 epochs (config: 8 x 20), shared by
+    # both ratios; selmatch tune with 5-iteration alpha trials; 20 distillation iterations per
+    # set and seed (config: 100); 1 evaluation run x 15 epochs per seed and row (config: 2 x 100);
+    # 2 seeds (config: 3). No Ray: experts, trials and evaluations run in-process.
+    common=(--data.train_per_class null --model.width 128 --eval.model resnet18
+            --experts.num_gpus 1 --experts.num_experts 3 --experts.epochs 6
+            --distill.max_start_epoch 4 --distill.iterations 20 --distill.checkpoint_every 10
+            --distill.log_every 10 --eval.runs 1 --eval.epochs 15 --tune.beta_step 0.2
+            --tune.alpha_step 0.25 --tune.alpha_iterations 5 --tune.eval_runs 1)
+    ipcs=(300 600); uncapped=(--distill.batch_syn null --distill.bn_group null --distill.syn_steps 20)
     if [ "${SMOKE:-0}" = 1 ]; then
-      common+=(--data.train_per_class 40 --model.width 16 --experts.epochs 3
+      common+=(--data.train_per_class 40 --model.width 16 --eval.model convnet --experts.epochs 3
                --distill.max_start_epoch 1 --distill.batch_syn 20 --distill.iterations 3
-               --distill.syn_steps 3 --eval.epochs 2)
-      smoke300=(--select.ipc 10 --select.beta 0.2); smoke600=(--select.ipc 20 --select.beta 0.2)
+               --distill.syn_steps 3 --eval.epochs 2 --tune.alpha_iterations 1)
+      ipcs=(2 4); uncapped=(--distill.batch_syn null --distill.bn_group null --distill.syn_steps 4)
     fi
     base=/tmp/selmatch_fmnist
     rm -rf "$base"
-    echo "selmatch run --config configs/fmnist_ipc{300,600}.yaml ${common[*]} (SMOKE=${SMOKE:-0})" \
+    echo "configs/fmnist_cpu.yaml ${common[*]} (SMOKE=${SMOKE:-0}); IPC ${ipcs[*]}; uncapped: ${uncapped[*]}" \
       > "$OUT/fmnist_command.txt"
+    sm() { python3 -m launch.cli "$@" 2>&1 | grep -v -e "it/s" -e "s/it"; }
     start=$(date +%s)
-    for ipc in 300 600; do
-      run_dir="$base/ipc$ipc"
-      if [ "$ipc" = 600 ]; then  # the experts and scores of IPC 300 serve IPC 600 (same settings)
-        mkdir -p "$run_dir" && cp -r "$base/ipc300/experts" "$base/ipc300/scores" "$run_dir/" 2>/dev/null
-        extra=("${smoke600[@]}")
-      else
-        extra=("${smoke300[@]}")
+    sm experts --config configs/fmnist_cpu.yaml --run_dir "$base/ipc${ipcs[0]}" --workers 0 --select.ipc "${ipcs[0]}" "${common[@]}" \
+      | tail -5 > "$OUT/fmnist_experts.log"
+    sm scores --config configs/fmnist_cpu.yaml --run_dir "$base/ipc${ipcs[0]}" --select.ipc "${ipcs[0]}" "${common[@]}" | tail -2
+    for run in "${ipcs[@]}" uncapped; do
+      ipc=$run; extra=(); dir="$base/ipc$run"; from="$dir"
+      if [ "$run" = uncapped ]; then ipc=${ipcs[0]}; extra=("${uncapped[@]}" "--eval.methods=[selmatch_dsa, selmatch]")
+        from="$base/ipc${ipcs[0]}"; fi
+      if [ "$dir" != "$base/ipc${ipcs[0]}" ]; then  # the experts and scores serve every run
+        mkdir -p "$dir" && cp -r "$base/ipc${ipcs[0]}/experts" "$base/ipc${ipcs[0]}/scores" "$dir/"
       fi
       t0=$(date +%s)
-      python3 -m launch.cli run --config "configs/fmnist_ipc$ipc.yaml" --run_dir "$run_dir" \
-        "${common[@]}" "${extra[@]}" 2>&1 | grep -v -e "it/s" -e "s/it" | tail -60 > "$OUT/fmnist_ipc$ipc.log"
-      echo "ipc $ipc: $(( $(date +%s) - t0 )) s" >> "$OUT/fmnist_times.txt"
-      cp "$run_dir/report.md" "$OUT/fmnist_ipc${ipc}_report.md" 2>/dev/null
-      cp "$run_dir/results.json" "$OUT/fmnist_ipc${ipc}_results.json" 2>/dev/null
-      cp "$run_dir/synset/selmatch.png" "$OUT/fmnist_ipc${ipc}_selmatch.png" 2>/dev/null
+      [ "$run" = uncapped ] || sm tune --config configs/fmnist_cpu.yaml --run_dir "$dir" --no-ray \
+        --select.ipc "$ipc" "${common[@]}" | tail -8 > "$OUT/fmnist_${run}_tune.log"
+      tuned=$(python3 -c "import sys; from tune.main import selected_overrides as s; o = s(sys.argv[1]);
+print(f\"--select.beta {o['select.beta']:g} --distill.alpha {o['distill.alpha']:g}\")" "$from")
+      # shellcheck disable=SC2086
+      sm run --config configs/fmnist_cpu.yaml --run_dir "$dir" --workers 0 --select.ipc "$ipc" \
+        --seeds 0 1 "${common[@]}" $tuned "${extra[@]}" | tail -60 > "$OUT/fmnist_$run.log"
+      echo "$run: $(( $(date +%s) - t0 )) s" >> "$OUT/fmnist_times.txt"
+      for f in report.md results.json synset/selmatch.png; do
+        cp "$dir/$f" "$OUT/fmnist_${run}_$(basename "$f")" 2>/dev/null
+      done
     done
     echo "total: $(( $(date +%s) - start )) s" >> "$OUT/fmnist_times.txt"
     cat "$OUT/fmnist_times.txt"
-    for ipc in 300 600; do sed -n '/^## Results/,/^Accuracy:/p' "$OUT/fmnist_ipc${ipc}_report.md" 2>/dev/null; done
+    for run in "${ipcs[@]}" uncapped; do
+      sed -n '/^## Conclusion/,/^## Results/p' "$OUT/fmnist_${run}_report.md" 2>/dev/null
+    done
     ;;
   *)
     echo "usage: bash bench/gpu_checks.sh matching|fmnist" >&2
