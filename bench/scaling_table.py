@@ -1,6 +1,6 @@
 """docs/distributed.md's time and memory tables, computed from one-GPU measurements.
 
-    python bench/scaling_table.py                                   # DESIGN.md §4 anchors (eager replay)
+    python bench/scaling_table.py                                   # the H200 anchors (eager replay)
     python bench/scaling_table.py --source bench/results/matching_nvidia_h200.json --method fast
     python bench/scaling_table.py ... --write docs/distributed.md   # replace the marked section
 
@@ -115,8 +115,15 @@ def main() -> None:
     ap.add_argument("--write", default=None, help="replace the marked section of this file")
     args = ap.parse_args()
     with open(args.source) as f:
-        doc = json.load(f)
-    label = f"`{os.path.relpath(args.source)}` ({doc.get('machine', 'unknown machine')})"
+        raw = f.read()
+    doc = json.loads(raw)
+    machine = doc.get("machine", "unknown machine")
+    if machine in raw and "]" not in machine:
+        # a link to the source, so tests/test_quoted_figures.py checks the quoted machine text
+        target = os.path.relpath(args.source, os.path.dirname(os.path.abspath(args.write))
+                                 if args.write else os.curdir).replace(os.sep, "/")
+        machine = f"[{machine}]({target})"
+    label = f"`{os.path.relpath(args.source)}` ({machine})"
     text = tables(Profile(doc["records"], args.method, args.precision), args.method,
                   args.latency_us, args.depth, label)
     cmd = "python bench/scaling_table.py " + " ".join(
