@@ -3,7 +3,7 @@ memory and the image-gradient error against float64.
 
     python bench/matching.py                         # CPU: --preset cpu (a few minutes on 2 cores)
     python bench/matching.py --preset cpu-fast       # CPU: fast vs eager replay, |b| 32, N 10, width 64
-    python bench/matching.py --preset gpu-cifar10 --budget 300   # one GPU: issue 10's rows
+    python bench/matching.py --preset gpu-cifar10 --budget 300   # one GPU: the paper's shape and beyond
     python bench/matching.py --preset cpu --batch 16 --steps 2 4 --iters 1   # smoke run
 
 Methods: ``replay`` = the eager reference replay (``distill.compile: off``), ``fast`` = the
@@ -14,8 +14,11 @@ a fast row whose compilation failed is marked, never silently timed as eager.
 
 The problem is a ConvNet-BN student (``--width --depth``) on ``--n-images`` random-normal
 images of ``--channels`` × ``--image-size``² with labels ``i % --classes``. The start parameters
-are PyTorch's default initialisation (flattened with ParamLayout) and the target is the start plus
-N(0, 0.01²) noise. Iteration i uses ``make_plan(seed, iteration=i)`` (batches and DSA
+are PyTorch's default initialisation (flattened with ParamLayout); the target (``--targets``) is
+either an expert-like segment, 20 plain SGD steps of the same network from the start computed in
+float64 (``expert``, the default), or the start plus N(0, 0.01²) noise (``offset``), a problem
+where every float32 path lands 1e-3 to 1e-2 from float64. The ``grad err`` column is the median
+over plans (timed iterations); the per-plan errors follow the table. Iteration i uses ``make_plan(seed, iteration=i)`` (batches and DSA
 parameters), built outside the timed region and moved to the device in one copy; the same seed
 gives every method identical inputs, so their losses and gradients are compared (printed under
 the table). ``grad err`` is the median over the timed iterations of the image gradient's relative
@@ -91,7 +94,7 @@ BASE = {"width": 128, "depth": 3, "image_size": 32, "channels": 3, "classes": 10
         "methods": ["replay", "fast", "unrolled"], "configs": None, "iters": 3, "warmup": 1,
         "dtype": "float32", "dsa": True, "group": None, "precision": None, "seed": 0,
         "threads": None, "reference": "eager", "reference_max_work": 125 * 55,
-        "groups_per_call": None, "cuda_graphs": True}
+        "groups_per_call": None, "cuda_graphs": True, "targets": ["expert"]}
 PRESETS = {
     # 2 CPU cores, a few minutes: replay's memory flat in N, unroll's growing with |b|·N
     # One torch thread: on a shared 2-core box, 2 OpenMP threads slowed 20x when other
@@ -99,11 +102,11 @@ PRESETS = {
     "cpu": {"width": 32, "image_size": 16, "n_images": 500, "batch": [32, 64],
             "steps": [5, 10, 20, 40], "methods": ["replay", "unrolled"], "iters": 2,
             "warmup": 1, "threads": 1, "reference": None},
-    # issue 10's CPU check: fast vs eager replay at a CIFAR shape small enough for minutes
+    # the CPU check: fast vs eager replay at a CIFAR shape small enough for minutes
     "cpu-fast": {"width": 64, "n_images": 500, "batch": [32], "steps": [10],
                  "methods": ["replay", "fast", "unrolled"], "iters": 5, "warmup": 1,
-                 "threads": 1},
-    # issue 10's GPU rows: DESIGN.md §4's shape at both precisions, then the fast path at sizes
+                 "threads": 1, "targets": ["expert", "offset"]},
+    # the GPU rows: the H200 anchors' shape at both precisions, then the fast path at sizes
     # the reference unroll cannot hold (it OOMs at |b| >= 1000 on a 141 GiB H200)
     "gpu-cifar10": {"configs": [f"{m}:125x55@{p}" for p in PRECISIONS
                                 for m in ("fast", "replay", "unrolled")]
@@ -166,12 +169,14 @@ def config_specs(s: dict, device: torch.device) -> list[dict]:
                                 "warmup", "dtype", "dsa", "seed", "threads", "groups_per_call",
                                 "cuda_graphs")}
     specs = []
-    for m, b, n, g, p in dict.fromkeys(rows):
-        work = b * n
-        ref = s["reference"] if s["reference"] and work <= s["reference_max_work"] else None
-        specs.append({**shape, "method": m, "batch": b, "steps": n, "device": str(device),
-                      "group": min(g or s["group"] or b, b), "n_images": max(s["n_images"], b),
-                      "precision": p, "reference": ref})
+    for target in s["targets"]:
+        for m, b, n, g, p in dict.fromkeys(rows):
+            work = b * n
+            ref = s["reference"] if s["reference"] and work <= s["reference_max_work"] else None
+            specs.append({**shape, "method": m, "batch": b, "steps": n, "device": str(device),
+                          "group": min(g or s["group"] or b, b),
+                          "n_images": max(s["n_images"], b), "precision": p, "reference": ref,
+                          "target": target})
     return specs
 
 
@@ -250,6 +255,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="METHOD:BxN[:gG][@PRECISION] entries (no grid)")
     p.add_argument("--dtype", default=None, choices=("float32", "float64", "bfloat16", "float16"))
     p.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--targets", nargs="+", choices=("expert", "offset"), default=None,
+                   help="the matching target: expert = 20 plain float64 SGD steps of the student "
+                        "from the start (like an expert segment), offset = the start plus "
+                        "N(0, 0.01²) noise (an ill-conditioned problem); each is its own rows")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="fast rows on CUDA: replay steps as CUDA graphs (default on)")
     p.add_argument("--reference", choices=("eager", "none"), default=None,

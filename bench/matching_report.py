@@ -1,5 +1,10 @@
 """bench/matching.py's output: the table, the speed-ups and agreement lines, the machine line,
-and the .json/.md files it writes (see bench/matching.py for what the columns measure)."""
+and the .json/.md files it writes (see bench/matching.py for what the columns measure).
+
+    python bench/matching_report.py bench/results/matching_cpu_cpu_fast.json   # rewrite its .md
+
+rewrites a record's markdown (and its speed-up and agreement lines) from the measured records in
+its JSON, without measuring again."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from matching_probe import GIB
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.relpath(os.path.join(HERE, "matching.py"), os.path.dirname(HERE))
 
-COLUMNS = ("method", "path", "prec", "|b|", "N", "g", "n", "s/iter", "first s", "CPU s/iter",
+COLUMNS = ("target", "method", "path", "prec", "|b|", "N", "g", "n", "s/iter", "first s", "CPU s/iter",
            "peak GiB", "Δ GiB", "image-steps/s", "grad err", "host syncs")
 
 
@@ -26,7 +31,7 @@ def _cells(r: dict) -> list[str]:
     path = r.get("path", "")
     if r.get("fallback"):
         path = f"FELL BACK TO EAGER: {r['fallback'][:80]}"
-    return [r["method"], path, r.get("precision", ""), str(r["batch"]), str(r["steps"]),
+    return [r.get("target", "expert"), r["method"], path, r.get("precision", ""), str(r["batch"]), str(r["steps"]),
             str(r["group"]), str(r["n_images"]),
             f"{r['s_per_iter']:.3f} ± {r['s_std']:.3f}" if ok else r["status"],
             f"{r['first_s']:.1f}" if ok else "",
@@ -49,21 +54,29 @@ def table(records: list[dict]) -> str:
     for r in records:
         note = " ".join(x for x in (r.get("error"), r.get("note")) if x).replace("|", "\\|")
         lines.append("| " + " | ".join(_cells(r)) + f" | {note} |")
+    per_plan = [r for r in records if r.get("grad_errs")]
+    if per_plan:
+        lines += ["", "Image-gradient relative error against float64, per plan (timed iteration):",
+                  "", "| target | method | \\|b\\| × N | " + " | ".join(
+                      f"plan {i + 1}" for i in range(max(len(r["grad_errs"]) for r in per_plan)))
+                  + " |", "|" + " --- |" * (3 + max(len(r["grad_errs"]) for r in per_plan))]
+        lines += [f"| {r.get('target', 'expert')} | {r['method']} | {r['batch']} × {r['steps']} | "
+                  + " | ".join(f"{e:.1e}" for e in r["grad_errs"]) + " |" for r in per_plan]
     return "\n".join(lines)
 
 
 def speedups(records: list[dict]) -> list[str]:
-    """fast vs eager replay and fast vs unrolled, per shape and precision."""
-    ok = {(r["method"], r["batch"], r["steps"], r["group"], r.get("precision")): r
-          for r in records if r["status"] == "ok"}
+    """fast vs eager replay and fast vs unrolled, per target, shape and precision."""
+    ok = {(r["method"], r["batch"], r["steps"], r["group"], r.get("precision"),
+           r.get("target", "expert")): r for r in records if r["status"] == "ok"}
     lines = []
-    for (m, b, n, g, p), r in ok.items():
+    for (m, b, n, g, p, t), r in ok.items():
         if m != "fast" or r.get("fallback"):
             continue
         for other in ("replay", "unrolled"):
-            o = ok.get((other, b, n, g, p))
+            o = ok.get((other, b, n, g, p, t))
             if o:
-                lines.append(f"{b}x{n} g{g} {p}: fast {o['s_per_iter'] / r['s_per_iter']:.2f}x "
+                lines.append(f"{t} target, {b}x{n} g{g} {p}: fast {o['s_per_iter'] / r['s_per_iter']:.2f}x "
                              f"faster than {'eager replay' if other == 'replay' else other} "
                              f"({r['s_per_iter']:.3f} vs {o['s_per_iter']:.3f} s/iter)")
     return lines
@@ -71,12 +84,12 @@ def speedups(records: list[dict]) -> list[str]:
 
 def agreement(records: list[dict]) -> str | None:
     """Max relative difference of each method against the eager replay over configs both ran
-    (same plans and inputs)."""
-    ok = {(r["method"], r["batch"], r["steps"], r["group"], r.get("precision")): r
-          for r in records if r["status"] == "ok"}
+    (same plans, inputs and target)."""
+    ok = {(r["method"], r["batch"], r["steps"], r["group"], r.get("precision"),
+           r.get("target", "expert")): r for r in records if r["status"] == "ok"}
     worst: dict[str, dict[str, float]] = {}
-    for (m, b, n, g, p), r in ok.items():
-        ref = ok.get(("replay", b, n, g, p))
+    for (m, b, n, g, p, t), r in ok.items():
+        ref = ok.get(("replay", b, n, g, p, t))
         if m == "replay" or ref is None:
             continue
         for cr, cu in zip(r["checks"], ref["checks"]):
@@ -140,8 +153,10 @@ def _markdown(doc: dict, s: dict, device: torch.device) -> str:
             f"first iteration (with compilation for fast); CPU s/iter is the process's CPU time "
             f"(all threads); n = synthetic set size; g = BN group; prec = convolution precision; "
             f"grad err = median relative error of the image gradient against a float64 eager "
-            f"replay of the same plans (the problem is ill-conditioned: float32 itself is at "
-            f"1e-3 to 1e-2 here, whichever path runs); host syncs = CUDA host waits during one matching call (torch's "
+            f"replay of the same plans (target expert: 20 plain float64 SGD steps of the same "
+            f"network from the start; offset: the start plus N(0, 0.01²) noise; a one-ulp change of "
+            f"the start moves float32 by 1e-3 to 1e-2 on either path, bench/results/"
+            f"precision_cpu.md); host syncs = CUDA host waits during one matching call (torch's "
             f"sync debug mode; 1 is the loss's start distance read once per iteration). Load average (1, 5, 15 min) at start {doc['load_average']['start']}"
             f", at end {doc['load_average'].get('end')}.\n\n{table(doc['records'])}\n")
     if doc["speedups"]:
@@ -151,3 +166,23 @@ def _markdown(doc: dict, s: dict, device: torch.device) -> str:
     return text
 
 
+
+
+def rewrite(path: str) -> None:
+    """The .md (and the derived lines of the .json) of a record at ``path``, from its records."""
+    with open(path) as f:
+        doc = json.load(f)
+    doc["speedups"], doc["agreement"] = speedups(doc["records"]), agreement(doc["records"])
+    device = torch.device("cuda" if "no GPU" not in doc["machine"] else "cpu")
+    out = path.removesuffix(".json")
+    for ext, text in ((".json", json.dumps(doc, indent=1)),
+                      (".md", _markdown(doc, doc["settings"], device))):
+        with open(out + ext + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(out + ext + ".tmp", out + ext)
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        rewrite(arg)
+        print(f"rewrote {arg.removesuffix('.json')}.md")

@@ -1,0 +1,169 @@
+"""How far the float32 matching gradient lands from float64, eager and compiled, and how much of
+that is the problem's own sensitivity: the same plans from starts moved by one float32 ulp.
+
+    python bench/precision_probe.py                              # eager, eager 2 threads, compiled
+    python bench/precision_probe.py --paths compiled --variant twopass --tag twopass
+
+The problem (bench/matching.py's expert-like one, DSA off): a ConvNet-BN of width 64, depth 3 on
+500 random-normal 32×32×3 images, |b| = g = 32, N = 10, inner lr 0.01, the target 20 plain
+float64 SGD steps from the start; five plans (make_plan iterations 0..4). For every plan it reports
+the image- and lr-gradient relative error against a float64 eager replay
+
+* from the unperturbed start (the figure a single benchmark row shows), and
+* the median and the maximum over ``--perturbations`` starts whose entries are moved by 0 or ±1
+  ulp at random (the float64 reference recomputed at each moved start: the error is the
+  computation's, not the input's).
+
+``--variant`` changes the compiled path only, to locate where its rounding differs: ``twopass``
+(batch-norm variance from the mean, then the centred squares, instead of ``var_mean``),
+``aten_reductions`` (sum, mean and var_mean run by ATen's kernels inside the compiled graph, as
+the eager path runs them), ``layout_off`` (Inductor's layout optimisation off). Inductor's caches
+are bypassed for variants. Writes ``<out>.json`` and appends a table to ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for path in (ROOT, HERE, os.path.join(ROOT, "tests")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import torch  # noqa: E402
+
+
+def apply_variant(name: str) -> None:
+    if name == "base":
+        return
+    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
+    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
+    if name == "twopass":
+        import distill.functional as fn
+
+        original = fn.FunctionalConvNet._norm
+
+        def norm(h, blk, parts, groups, team):
+            if blk.norm != "batch" or (team is not None and team.size > 1):
+                return original(h, blk, parts, groups, team)
+            n, c, hh, ww = h.shape
+            hg = h.view(groups, n // groups, c, hh, ww)
+            mean = hg.mean(dim=(1, 3, 4), keepdim=True)
+            var = (hg - mean).pow(2).mean(dim=(1, 3, 4), keepdim=True)
+            y = ((hg - mean) * torch.rsqrt(var + blk.eps)).view(n, c, hh, ww)
+            if blk.norm_affine is None:
+                return y
+            w, b = parts[blk.norm_affine], parts[blk.norm_affine + 1]
+            return y * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+
+        fn.FunctionalConvNet._norm = staticmethod(norm)
+    elif name == "aten_reductions":
+        from torch._inductor import lowering
+
+        aten = torch.ops.aten
+        for op in (aten.sum.dim_IntList, aten.sum.default, aten.var_mean.correction,
+                   aten.mean.dim):
+            lowering.lowerings.pop(op, None)
+            lowering.make_fallback(op, warn=False)
+    elif name == "layout_off":
+        torch._inductor.config.layout_optimization = False
+    else:
+        raise SystemExit(f"--variant: base, twopass, aten_reductions or layout_off; got {name}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--paths", default="eager,eager-2-threads,compiled")
+    p.add_argument("--variant", default="base")
+    p.add_argument("--perturbations", type=int, default=4)
+    p.add_argument("--tag", default=None)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "precision_cpu"))
+    args = p.parse_args()
+    apply_variant(args.variant)
+    from matching_probe import expert_like_target
+
+    from distill.matching import Student, make_plan, match_replay
+    from distill.models import build_model
+    from distill.params import ParamLayout
+
+    torch.set_num_threads(1)
+    width, size, n, batch, steps = 64, 32, 500, 32, 10
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=3, num_classes=10, image_size=size, width=width,
+                        depth=3, norm="batch")
+    start64 = ParamLayout.of(model).flatten(model).detach().double()
+    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64).float()
+    labels = torch.arange(n) % 10
+    target64 = expert_like_target(model, start64, images.double(), labels, "cpu", torch.float64)
+    plans = [make_plan(n, batch=batch, steps=steps, group=batch, image_size=(size, size),
+                       dsa=None, seed=0, iteration=i) for i in range(5)]
+    starts = []
+    for k in range(args.perturbations + 1):
+        s = start64.float()
+        if k:
+            sign = torch.randint(0, 3, s.shape, generator=torch.Generator().manual_seed(k)) - 1
+            up, down = torch.full_like(s, 1e9), torch.full_like(s, -1e9)
+            s = torch.where(sign > 0, torch.nextafter(s, up),
+                            torch.where(sign < 0, torch.nextafter(s, down), s))
+        starts.append(s)
+    s64 = Student.of(copy.deepcopy(model).double(), None, torch.float64, "cpu", compile="off")
+    lr64 = torch.tensor(0.01, dtype=torch.float64)
+    refs = [[match_replay(s64, st.double(), target64, images.double(), labels, lr64, plan)
+             for plan in plans] for st in starts]
+
+    def rel(a, b) -> float:
+        return float((a.double() - b).norm() / b.norm().clamp_min(1e-300))
+
+    rows = []
+    for path in args.paths.split(","):
+        torch.set_num_threads(2 if path == "eager-2-threads" else 1)
+        student = Student.of(copy.deepcopy(model).float(), None, torch.float32, "cpu",
+                             compile="on" if path == "compiled" else "off")
+        t0 = time.perf_counter()
+        img = [[0.0] * len(starts) for _ in plans]
+        lr = [[0.0] * len(starts) for _ in plans]
+        for k, st in enumerate(starts):
+            for i, plan in enumerate(plans):
+                r = match_replay(student, st, target64.float(), images, labels,
+                                 torch.tensor(0.01), plan)
+                img[i][k] = rel(r.grad_images, refs[k][i].grad_images)
+                lr[i][k] = rel(r.grad_lr.reshape(1), refs[k][i].grad_lr.reshape(1))
+        label = path + ("" if path != "compiled" or args.variant == "base" else
+                        f" ({args.variant})")
+        rows.append({"path": label, "steps_name": student.steps.name,
+                     "seconds": round(time.perf_counter() - t0, 1),
+                     "image": {"start": [e[0] for e in img],
+                               "median": [statistics.median(e[1:]) for e in img],
+                               "max": [max(e[1:]) for e in img]},
+                     "lr": {"start": [e[0] for e in lr],
+                            "median": [statistics.median(e[1:]) for e in lr],
+                            "max": [max(e[1:]) for e in lr]}})
+        print(json.dumps(rows[-1]), flush=True)
+    doc = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+           "torch": torch.__version__, "perturbations": args.perturbations,
+           "load_1min": os.getloadavg()[0], "rows": rows}
+    tag = f"_{args.tag}" if args.tag else ""
+    with open(args.out + tag + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    lines = [f"`{doc['command']}` (torch {doc['torch']}; {args.perturbations} moved starts)", "",
+             "| path | gradient | from the start: plans 1–5 | median over moved starts | "
+             "max over moved starts |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for g in ("image", "lr"):
+            cells = [" ".join(f"{v:.1e}" for v in r[g][k]) for k in ("start", "median", "max")]
+            lines.append(f"| {r['path']} | {g} | " + " | ".join(cells) + " |")
+    with open(args.out + ".md", "a") as f:
+        f.write("\n".join(lines) + "\n\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
