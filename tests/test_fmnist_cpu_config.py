@@ -63,6 +63,7 @@ def test_the_config_runs_end_to_end_scaled_down(tmp_path, capsys):
               "--experts.num_experts", "2", "--experts.epochs", "3", "--experts.el2n_epoch", "1",
               "--select.ipc", "2", "--distill.iterations", "2", "--distill.batch_syn", "10",
               "--distill.max_start_epoch", "1", "--distill.checkpoint_every", "1",
+              "--tune.eval_runs", "1", "--tune.beta_step", "0.25",
               # 2 images per class matched to 3-epoch experts: at the paper's image learning rate
               # 1000 the first step already crosses the divergence guard
               "--distill.lr_images", "100",
