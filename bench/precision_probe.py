@@ -3,6 +3,9 @@ that is the problem's own sensitivity: the same plans from starts moved by one f
 
     python bench/precision_probe.py                              # eager, eager 2 threads, compiled
     python bench/precision_probe.py --paths compiled --variant twopass --tag twopass
+    python bench/precision_probe.py --problem small --tag small     # the test's problem
+    python bench/precision_probe.py --problem small --paths compiled --variant f32stats --tag small_f32stats
+    python bench/precision_probe.py --problem small --paths compiled --variant f32stats+aot_eager --tag small_f32stats_aot_eager
 
 The problem (bench/matching.py's expert-like one, DSA off): a ConvNet-BN of width 64, depth 3 on
 500 random-normal 32×32×3 images, |b| = g = 32, N = 10, inner lr 0.01, the target 20 plain
@@ -10,12 +13,21 @@ float64 SGD steps from the start; five plans (make_plan iterations 0..4). For ev
 the image- and lr-gradient relative error against a float64 eager replay
 
 * from the unperturbed start (the figure a single benchmark row shows), and
-* the median and the maximum over ``--perturbations`` starts whose entries are moved by 0 or ±1
-  ulp at random (the float64 reference recomputed at each moved start: the error is the
-  computation's, not the input's).
+* the maximum over ``--perturbations`` starts whose entries are moved by 0 or ±1 ulp at random,
+  and the median over those and the start (the float64 reference recomputed at each moved
+  start: the error is the computation's, not the input's). With the default 4 moved starts the
+  median of 5 ignores up to two starts at which one ulp flipped a ReLU or max-pool choice.
 
-``--variant`` changes the compiled path only, to locate where its rounding differs: ``twopass``
-(batch-norm variance from the mean, then the centred squares, instead of ``var_mean``),
+``--problem small`` is tests/test_fast_precision.py's problem (width 32, depth 2, 200 16×16×3
+images, N = 6, three plans): one ulp flips fewer ReLU and max-pool choices there, so the median
+over moved starts shows each path's own rounding floor.
+
+``--variant`` changes the compiled path only, to locate where its rounding differs: ``aot_eager``
+(the same captured and decomposed graph run by ATen's kernels instead of Inductor's code),
+``f32stats``
+(batch norm's statistics accumulated in float32, as before distill/functional.py took them in
+float64), ``twopass`` (batch-norm variance from the mean, then the centred squares, instead of
+``var_mean``),
 ``aten_reductions`` (sum, mean and var_mean run by ATen's kernels inside the compiled graph, as
 the eager path runs them), ``layout_off`` (Inductor's layout optimisation off). Inductor's caches
 are bypassed for variants. Writes ``<out>.json`` and appends a table to ``<out>.md``.
@@ -45,6 +57,28 @@ def apply_variant(name: str) -> None:
         return
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
     os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
+    if name == "aot_eager":  # the compiled graph run by ATen's kernels, no code generation
+        import distill.student as student_mod
+
+        student_mod._BACKEND = "aot_eager"
+        return
+    if name == "f32stats":  # batch norm's statistics in float32, as before the fix
+        import distill.functional as fn
+
+        original = fn.FunctionalConvNet._norm
+
+        def norm(h, blk, parts, groups, team):
+            if blk.norm != "batch" or (team is not None and team.size > 1):
+                return original(h, blk, parts, groups, team)
+            n, c, hh, ww = h.shape
+            hg = h.view(groups, n // groups, c, hh, ww)
+            var, mean = torch.var_mean(hg, dim=(1, 3, 4), correction=0, keepdim=True)
+            y = ((hg - mean) * torch.rsqrt(var + blk.eps)).view(n, c, hh, ww)
+            w, b = parts[blk.norm_affine], parts[blk.norm_affine + 1]
+            return y * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+
+        fn.FunctionalConvNet._norm = staticmethod(norm)
+        return
     if name == "twopass":
         import distill.functional as fn
 
@@ -82,11 +116,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--paths", default="eager,eager-2-threads,compiled")
     p.add_argument("--variant", default="base")
+    p.add_argument("--problem", choices=("full", "small"), default="full")
     p.add_argument("--perturbations", type=int, default=4)
     p.add_argument("--tag", default=None)
     p.add_argument("--out", default=os.path.join(HERE, "results", "precision_cpu"))
     args = p.parse_args()
-    apply_variant(args.variant)
+    for variant in args.variant.split("+"):  # e.g. f32stats+aot_eager
+        apply_variant(variant)
     from matching_probe import expert_like_target
 
     from distill.matching import Student, make_plan, match_replay
@@ -94,17 +130,21 @@ def main() -> None:
     from distill.params import ParamLayout
 
     torch.set_num_threads(1)
-    width, size, n, batch, steps = 64, 32, 500, 32, 10
+    if args.problem == "full":
+        width, depth, size, n, batch, steps, n_plans = 64, 3, 32, 500, 32, 10, 5
+    else:  # tests/test_fast_precision.py's problem: fewer discrete flips per ulp
+        width, depth, size, n, batch, steps, n_plans = 32, 2, 16, 200, 32, 6, 3
     torch.manual_seed(0)
     model = build_model("convnet", in_channels=3, num_classes=10, image_size=size, width=width,
-                        depth=3, norm="batch")
+                        depth=depth, norm="batch")
     start64 = ParamLayout.of(model).flatten(model).detach().double()
     images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1),
                          dtype=torch.float64).float()
     labels = torch.arange(n) % 10
-    target64 = expert_like_target(model, start64, images.double(), labels, "cpu", torch.float64)
+    target64 = expert_like_target(model, start64, images.double(), labels, "cpu", torch.float64,
+                                  **({} if args.problem == "full" else {"batch": 32}))
     plans = [make_plan(n, batch=batch, steps=steps, group=batch, image_size=(size, size),
-                       dsa=None, seed=0, iteration=i) for i in range(5)]
+                       dsa=None, seed=0, iteration=i) for i in range(n_plans)]
     starts = []
     for k in range(args.perturbations + 1):
         s = start64.float()
@@ -141,10 +181,10 @@ def main() -> None:
         rows.append({"path": label, "steps_name": student.steps.name,
                      "seconds": round(time.perf_counter() - t0, 1),
                      "image": {"start": [e[0] for e in img],
-                               "median": [statistics.median(e[1:]) for e in img],
+                               "median": [statistics.median(e) for e in img],
                                "max": [max(e[1:]) for e in img]},
                      "lr": {"start": [e[0] for e in lr],
-                            "median": [statistics.median(e[1:]) for e in lr],
+                            "median": [statistics.median(e) for e in lr],
                             "max": [max(e[1:]) for e in lr]}})
         print(json.dumps(rows[-1]), flush=True)
     doc = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
@@ -154,7 +194,7 @@ def main() -> None:
     with open(args.out + tag + ".json", "w") as f:
         json.dump(doc, f, indent=1)
     lines = [f"`{doc['command']}` (torch {doc['torch']}; {args.perturbations} moved starts)", "",
-             "| path | gradient | from the start: plans 1–5 | median over moved starts | "
+             "| path | gradient | from the start, per plan | median over the start and the moved starts | "
              "max over moved starts |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         for g in ("image", "lr"):

@@ -91,7 +91,11 @@ class FunctionalConvNet:
             n, c, hh, ww = h.shape
             hg = h.view(groups, n // groups, c, hh, ww)
             if team is None or team.size == 1:
-                var, mean = torch.var_mean(hg, dim=(1, 3, 4), correction=0, keepdim=True)
+                # the statistics accumulate in float64 (a no-op for float64 inputs): Inductor's
+                # float32 reductions left the compiled path's error floor at 2x the eager one's
+                # (tests/test_fast_precision.py; docs/matching.md, precision)
+                var, mean = torch.var_mean(hg.double(), dim=(1, 3, 4), correction=0, keepdim=True)
+                var, mean = var.to(h.dtype), mean.to(h.dtype)
             else:  # two passes (mean, then centred squares): no E[x²] − E[x]² cancellation
                 count = (n // groups) * hh * ww * team.size
                 mean = team.all_reduce_sum(hg.sum(dim=(1, 3, 4), keepdim=True)) / count

@@ -22,7 +22,7 @@ from distill.functional import functional_convnet
 from distill.matching import MatchPlan, Student, match_replay
 from distill.models import build_model
 from distill.params import ParamLayout
-from distill.student import EagerSteps, FastSteps
+from distill.student import EagerSteps, FastSteps, first_call_tolerance
 from helpers import DT, matching_problem, rel
 
 def problem(*, group=6, batch=6, steps=3, families=FAMILIES, norm="batch", depth=2, seed=0,
@@ -172,6 +172,22 @@ def test_a_wrong_compiled_result_is_caught_and_dropped(caplog):
         res = match_replay(fast, *args)
     assert_same(res, match_replay(eager, *args))
     assert "differs from the eager reference" in fast.steps.failed
+
+
+def test_a_three_percent_miscompile_is_caught_in_float32(caplog):
+    """float32 has its own tolerance (2e-2 with strict convolutions, first_call_tolerance): a
+    result 3% off is dropped, although it is within the TF32 tolerance."""
+    model, dsa, *args32 = matching_problem(dtype=torch.float32, iteration=3, student=False)
+    fast = Student.of(model, dsa, torch.float32, "cpu", compile="off")
+    with compile_backend("eager"):
+        fast.steps = FastSteps(functional_convnet(model), dsa, fast.steps)
+    good = fast.steps._replay
+    fast.steps._replay = lambda *a: tuple(t * 1.03 for t in good(*a))
+    with caplog.at_level(logging.WARNING, logger="distill.student"):
+        match_replay(fast, *args32)
+    assert "tolerance 0.02" in fast.steps.failed
+    assert first_call_tolerance(torch.float64, torch.device("cpu")) == 1e-8
+    assert first_call_tolerance(torch.float32, torch.device("cpu")) == 2e-2
 
 
 # --------------------------------------------------------------------------------------------
