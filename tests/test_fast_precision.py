@@ -7,8 +7,8 @@ one start measures that start's luck. Here each plan's error is the median over 
 starts moved by 0 or ±1 float32 ulp per entry (the float64 reference recomputed at each): the
 floor the path's own rounding sets. The compiled path's must be within 1.5× of the eager path's
 on every plan for the image gradient (with batch norm's statistics accumulated in float32 by
-Inductor it was 2.0–2.2×), and the learning-rate gradient within the same or a few ulps. bench/precision_probe.py is the full-size
-measurement (bench/results/precision_cpu.md).
+Inductor it was 2.0–2.2×), and the learning-rate gradient within the same or a few ulps.
+bench/precision_probe.py --problem small measures the same (bench/results/precision_cpu.md).
 
 Marked slow: compiling the two step functions takes about a minute on 2 cores with a cold cache.
 """
