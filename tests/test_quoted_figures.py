@@ -67,3 +67,13 @@ def test_a_changed_figure_is_caught():
     assert quoted("README.md", "t ∈ [0, T⁺) and " + good) == quoted("README.md", good)
     (_, _, why), = quoted("docs/x.md", "[1.0](../bench/results/nothing_here.md)")
     assert "does not exist" in why
+
+
+@pytest.mark.parametrize("doc", documents())
+def test_every_local_link_resolves(doc):
+    """A moved or renamed page or record breaks no link of README.md or docs/."""
+    with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+        targets = re.findall(r"\]\(([^)\s]+)\)", f.read())
+    broken = [t for t in targets if not t.startswith(("http://", "https://", "#")) and
+              not os.path.exists(os.path.join(REPO, os.path.dirname(doc), t.split("#")[0]))]
+    assert not broken, f"{doc}: {broken}"
