@@ -228,7 +228,7 @@ _BACKEND = "inductor"  # torch.compile's backend for the fast path
 def first_call_tolerance(dtype: torch.dtype, device: torch.device) -> float:
     """How far a compiled step's first result may be from the eager one's (relative) before the
     compiled path is dropped. float64: 1e-8 (both are exact to ~1e-15). float32 with strict
-    convolutions: 2e-2; one step's two roundings differ by ~3e-6 typically, and a one-ulp
+    convolutions: 2e-2; one step's two roundings differ by ~3e-6 typically, and (likely) a one-ulp
     difference that flips a ReLU or a max-pool choice moves it to 7.6e-3 (the largest of the
     Fashion-MNIST comparison's 62 first calls, bench/results/fmnist_cpu.md), while a wrong term or
     sign differs by O(1). TF32 convolutions on CUDA round to 10 mantissa bits: 5e-2."""
