@@ -31,23 +31,12 @@ from distill.matching import Student, make_plan, match_replay  # noqa: E402
 from distill.models import build_model  # noqa: E402
 from distill.params import ParamLayout  # noqa: E402
 from matching_probe import expert_like_target  # noqa: E402
+from precision_probe import batch_norm_with, float32_statistics  # noqa: E402
 
 ITERATIONS = 16
 torch.set_num_threads(1)
 after = fn.FunctionalConvNet._norm
-
-
-def before(h, blk, parts, groups, team):
-    """distill/functional.py's batch norm as it was: var_mean in the input's dtype."""
-    if blk.norm != "batch" or (team is not None and team.size > 1):
-        return after(h, blk, parts, groups, team)
-    w, b = parts[blk.norm_affine], parts[blk.norm_affine + 1]
-    n, c, hh, ww = h.shape
-    hg = h.view(groups, n // groups, c, hh, ww)
-    var, mean = torch.var_mean(hg, dim=(1, 3, 4), correction=0, keepdim=True)
-    out = ((hg - mean) * torch.rsqrt(var + blk.eps)).view(n, c, hh, ww)
-    return out * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-
+before = batch_norm_with(float32_statistics)  # the batch norm as it was
 
 torch.manual_seed(0)
 n, size, batch, steps = 500, 32, 32, 10

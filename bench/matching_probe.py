@@ -7,7 +7,6 @@ can measure every configuration in a fresh interpreter (``bench/matching.py --on
 
 from __future__ import annotations
 
-import copy
 import gc
 import resource
 import sys
@@ -23,6 +22,7 @@ from distill.matching import MatchPlan, Student, make_plan, match_replay
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
+import helpers  # noqa: E402
 from helpers import match_unrolled  # noqa: E402  (the reference algorithm; not product API)
 from distill.models import build_model
 from distill.params import ParamLayout
@@ -136,15 +136,8 @@ def expert_like_target(model, start, images, labels, device, dtype, *, steps: in
     key = (tuple(start.shape), tuple(images.shape), float(start.double().sum()),
            float(images.double().sum()))
     if key not in _TARGETS:
-        cpu_model = copy.deepcopy(model).to("cpu", torch.float64)
-        student = Student.of(cpu_model, None, torch.float64, "cpu", compile="off")
-        x, y = images.to("cpu", torch.float64), labels.to("cpu")
-        theta = start.to("cpu", torch.float64).clone()
-        for j in range(steps):
-            rows = torch.arange(j * batch, (j + 1) * batch) % len(x)
-            theta -= lr * student.steps.gradient(theta, x[rows], y[rows], None, group=batch,
-                                                 batch=batch)
-        _TARGETS[key] = theta.detach()
+        _TARGETS[key] = helpers.expert_like_target(model, start, images, labels, steps=steps,
+                                                   batch=batch, lr=lr)
     return _TARGETS[key].to(device, dtype)
 
 

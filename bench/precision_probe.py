@@ -36,7 +36,6 @@ are bypassed for variants. Writes ``<out>.json`` and appends a table to ``<out>.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -52,6 +51,45 @@ for path in (ROOT, HERE, os.path.join(ROOT, "tests")):
 import torch  # noqa: E402
 
 
+def float32_statistics(hg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(var, mean) of each BN group in the input's dtype: distill/functional.py before it took
+    them in float64."""
+    return torch.var_mean(hg, dim=(1, 3, 4), correction=0, keepdim=True)
+
+
+def two_pass_statistics(hg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = hg.mean(dim=(1, 3, 4), keepdim=True)
+    return (hg - mean).pow(2).mean(dim=(1, 3, 4), keepdim=True), mean
+
+
+def batch_norm_with(statistics):
+    """distill/functional.py's batch norm (one rank's groups) with its (var, mean) from
+    ``statistics`` of the ``[G, g, C, H, W]`` view; other norms and teams unchanged."""
+    import distill.functional as fn
+
+    original = fn.FunctionalConvNet._norm
+
+    def norm(h, blk, parts, groups, team):
+        if blk.norm != "batch" or (team is not None and team.size > 1):
+            return original(h, blk, parts, groups, team)
+        n, c, hh, ww = h.shape
+        hg = h.view(groups, n // groups, c, hh, ww)
+        var, mean = statistics(hg)
+        y = ((hg - mean) * torch.rsqrt(var + blk.eps)).view(n, c, hh, ww)
+        if blk.norm_affine is None:
+            return y
+        w, b = parts[blk.norm_affine], parts[blk.norm_affine + 1]
+        return y * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+
+    return norm
+
+
+def patch_batch_norm_statistics(statistics) -> None:
+    import distill.functional as fn
+
+    fn.FunctionalConvNet._norm = staticmethod(batch_norm_with(statistics))
+
+
 def apply_variant(name: str) -> None:
     if name == "base":
         return
@@ -63,41 +101,9 @@ def apply_variant(name: str) -> None:
         student_mod._BACKEND = "aot_eager"
         return
     if name == "f32stats":  # batch norm's statistics in float32, as before the fix
-        import distill.functional as fn
-
-        original = fn.FunctionalConvNet._norm
-
-        def norm(h, blk, parts, groups, team):
-            if blk.norm != "batch" or (team is not None and team.size > 1):
-                return original(h, blk, parts, groups, team)
-            n, c, hh, ww = h.shape
-            hg = h.view(groups, n // groups, c, hh, ww)
-            var, mean = torch.var_mean(hg, dim=(1, 3, 4), correction=0, keepdim=True)
-            y = ((hg - mean) * torch.rsqrt(var + blk.eps)).view(n, c, hh, ww)
-            w, b = parts[blk.norm_affine], parts[blk.norm_affine + 1]
-            return y * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-
-        fn.FunctionalConvNet._norm = staticmethod(norm)
-        return
-    if name == "twopass":
-        import distill.functional as fn
-
-        original = fn.FunctionalConvNet._norm
-
-        def norm(h, blk, parts, groups, team):
-            if blk.norm != "batch" or (team is not None and team.size > 1):
-                return original(h, blk, parts, groups, team)
-            n, c, hh, ww = h.shape
-            hg = h.view(groups, n // groups, c, hh, ww)
-            mean = hg.mean(dim=(1, 3, 4), keepdim=True)
-            var = (hg - mean).pow(2).mean(dim=(1, 3, 4), keepdim=True)
-            y = ((hg - mean) * torch.rsqrt(var + blk.eps)).view(n, c, hh, ww)
-            if blk.norm_affine is None:
-                return y
-            w, b = parts[blk.norm_affine], parts[blk.norm_affine + 1]
-            return y * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-
-        fn.FunctionalConvNet._norm = staticmethod(norm)
+        patch_batch_norm_statistics(float32_statistics)
+    elif name == "twopass":  # the mean, then the centred squares
+        patch_batch_norm_statistics(two_pass_statistics)
     elif name == "aten_reductions":
         from torch._inductor import lowering
 
@@ -109,7 +115,8 @@ def apply_variant(name: str) -> None:
     elif name == "layout_off":
         torch._inductor.config.layout_optimization = False
     else:
-        raise SystemExit(f"--variant: base, twopass, aten_reductions or layout_off; got {name}")
+        raise SystemExit(f"--variant: base, aot_eager, f32stats, twopass, aten_reductions or "
+                         f"layout_off (joined by +); got {name}")
 
 
 def main() -> None:
@@ -123,62 +130,21 @@ def main() -> None:
     args = p.parse_args()
     for variant in args.variant.split("+"):  # e.g. f32stats+aot_eager
         apply_variant(variant)
-    from matching_probe import expert_like_target
-
-    from distill.matching import Student, make_plan, match_replay
-    from distill.models import build_model
-    from distill.params import ParamLayout
+    from helpers import float32_errors, float64_references, moved_start, precision_problem
 
     torch.set_num_threads(1)
-    if args.problem == "full":
-        width, depth, size, n, batch, steps, n_plans = 64, 3, 32, 500, 32, 10, 5
-    else:  # tests/test_fast_precision.py's problem: fewer discrete flips per ulp
-        width, depth, size, n, batch, steps, n_plans = 32, 2, 16, 200, 32, 6, 3
-    torch.manual_seed(0)
-    model = build_model("convnet", in_channels=3, num_classes=10, image_size=size, width=width,
-                        depth=depth, norm="batch")
-    start64 = ParamLayout.of(model).flatten(model).detach().double()
-    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1),
-                         dtype=torch.float64).float()
-    labels = torch.arange(n) % 10
-    target64 = expert_like_target(model, start64, images.double(), labels, "cpu", torch.float64,
-                                  **({} if args.problem == "full" else {"batch": 32}))
-    plans = [make_plan(n, batch=batch, steps=steps, group=batch, image_size=(size, size),
-                       dsa=None, seed=0, iteration=i) for i in range(n_plans)]
-    starts = []
-    for k in range(args.perturbations + 1):
-        s = start64.float()
-        if k:
-            sign = torch.randint(0, 3, s.shape, generator=torch.Generator().manual_seed(k)) - 1
-            up, down = torch.full_like(s, 1e9), torch.full_like(s, -1e9)
-            s = torch.where(sign > 0, torch.nextafter(s, up),
-                            torch.where(sign < 0, torch.nextafter(s, down), s))
-        starts.append(s)
-    s64 = Student.of(copy.deepcopy(model).double(), None, torch.float64, "cpu", compile="off")
-    lr64 = torch.tensor(0.01, dtype=torch.float64)
-    refs = [[match_replay(s64, st.double(), target64, images.double(), labels, lr64, plan)
-             for plan in plans] for st in starts]
-
-    def rel(a, b) -> float:
-        return float((a.double() - b).norm() / b.norm().clamp_min(1e-300))
-
+    model, start64, images, labels, target64, plans = precision_problem(args.problem)
+    starts = [moved_start(start64.float(), k) for k in range(args.perturbations + 1)]
+    refs = float64_references(model, images, labels, target64, plans, starts)
     rows = []
     for path in args.paths.split(","):
         torch.set_num_threads(2 if path == "eager-2-threads" else 1)
-        student = Student.of(copy.deepcopy(model).float(), None, torch.float32, "cpu",
-                             compile="on" if path == "compiled" else "off")
         t0 = time.perf_counter()
-        img = [[0.0] * len(starts) for _ in plans]
-        lr = [[0.0] * len(starts) for _ in plans]
-        for k, st in enumerate(starts):
-            for i, plan in enumerate(plans):
-                r = match_replay(student, st, target64.float(), images, labels,
-                                 torch.tensor(0.01), plan)
-                img[i][k] = rel(r.grad_images, refs[k][i].grad_images)
-                lr[i][k] = rel(r.grad_lr.reshape(1), refs[k][i].grad_lr.reshape(1))
+        img, lr, ran = float32_errors(model, images, labels, target64, plans, starts, refs,
+                                      "on" if path == "compiled" else "off")
         label = path + ("" if path != "compiled" or args.variant == "base" else
                         f" ({args.variant})")
-        rows.append({"path": label, "steps_name": student.steps.name,
+        rows.append({"path": label, "steps_name": ran,
                      "seconds": round(time.perf_counter() - t0, 1),
                      "image": {"start": [e[0] for e in img],
                                "median": [statistics.median(e) for e in img],

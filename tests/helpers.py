@@ -6,6 +6,10 @@
   MTT/SelMatch code does), against which the replay and the fast path are checked and benchmarked
   (bench/matching_probe.py imports it from here: it is not product API);
 * :func:`rel`: relative error of one tensor against another;
+* :func:`precision_problem`, :func:`moved_start`, :func:`float64_references`,
+  :func:`float32_errors`: float32 matching against
+  float64 on an expert-like problem, from starts moved by one ulp (tests/test_fast_precision.py
+  and bench/precision_probe.py);
 * :func:`replaced_step`: run code with ``Distiller.step`` wrapped (to kill or poison a run at an
   iteration).
 """
@@ -13,12 +17,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import torch
 
 from distill.augment import DSA, DSAConfig, FAMILIES
-from distill.matching import MatchPlan, MatchResult, Share, Student, make_plan
+from distill.matching import MatchPlan, MatchResult, Share, Student, make_plan, match_replay
 from distill.models import build_model
 from distill.params import ParamLayout
 
@@ -52,6 +57,92 @@ def matching_problem(*, n: int = 12, classes: int = 3, depth: int = 2, norm: str
     if not student:
         return model, dsa, start, target, images, labels, lr, plan
     return Student.of(model, dsa, dtype, "cpu"), start, target, images, labels, lr, plan
+
+
+def expert_like_target(model: torch.nn.Module, start: torch.Tensor, images: torch.Tensor,
+                       labels: torch.Tensor, *, steps: int = 20, batch: int = 64,
+                       lr: float = 0.05) -> torch.Tensor:
+    """θ after ``steps`` plain float64 SGD steps of ``model`` on the images from ``start`` (on
+    the CPU): like an expert's θ*_{t+M}, the target lies along gradient directions (a random
+    target makes the matching gradient a sum of large cancelling terms)."""
+    student = Student.of(copy.deepcopy(model).to("cpu", torch.float64), None, torch.float64,
+                         "cpu", compile="off")
+    x, y = images.to("cpu", torch.float64), labels.to("cpu")
+    theta = start.to("cpu", torch.float64).clone()
+    for j in range(steps):
+        rows = torch.arange(j * batch, (j + 1) * batch) % len(x)
+        theta -= lr * student.steps.gradient(theta, x[rows], y[rows], None, group=batch,
+                                             batch=batch)
+    return theta.detach()
+
+
+# bench/precision_probe.py's problems; "small" is tests/test_fast_precision.py's, where one ulp
+# flips few ReLU and max-pool choices
+PRECISION_PROBLEMS = {
+    "full": {"width": 64, "depth": 3, "size": 32, "n": 500, "batch": 32, "steps": 10, "plans": 5,
+             "target_batch": 64},
+    "small": {"width": 32, "depth": 2, "size": 16, "n": 200, "batch": 32, "steps": 6, "plans": 3,
+              "target_batch": 32},
+}
+
+
+def precision_problem(kind: str):
+    """(model, start64, images, labels, target64, plans): a ConvNet-BN on random-normal float32
+    images of 10 classes, |b| = g, no DSA, the target :func:`expert_like_target` in float64."""
+    p = PRECISION_PROBLEMS[kind]
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=3, num_classes=10, image_size=p["size"],
+                        width=p["width"], depth=p["depth"], norm="batch")
+    start64 = ParamLayout.of(model).flatten(model).detach().double()
+    images = torch.randn(p["n"], 3, p["size"], p["size"], dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(1)).float()
+    labels = torch.arange(p["n"]) % 10
+    target64 = expert_like_target(model, start64, images.double(), labels,
+                                  batch=p["target_batch"])
+    plans = [make_plan(p["n"], batch=p["batch"], steps=p["steps"], group=p["batch"],
+                       image_size=(p["size"],) * 2, dsa=None, seed=0, iteration=i)
+             for i in range(p["plans"])]
+    return model, start64, images, labels, target64, plans
+
+
+def moved_start(start: torch.Tensor, k: int) -> torch.Tensor:
+    """``start`` (k = 0) or, for k ≥ 1, each entry moved by 0 or ±1 ulp at random (seed k)."""
+    if k == 0:
+        return start.clone()
+    sign = torch.randint(0, 3, start.shape, generator=torch.Generator().manual_seed(k)) - 1
+    up, down = torch.full_like(start, 1e9), torch.full_like(start, -1e9)
+    return torch.where(sign > 0, torch.nextafter(start, up),
+                       torch.where(sign < 0, torch.nextafter(start, down), start))
+
+
+def float64_references(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       target64: torch.Tensor, plans: list,
+                       starts: list[torch.Tensor]) -> list[list[MatchResult]]:
+    """The float64 eager replay of every plan from every start (inner lr 0.01)."""
+    s64 = Student.of(copy.deepcopy(model).double(), None, torch.float64, "cpu", compile="off")
+    lr64 = torch.tensor(0.01, dtype=torch.float64)
+    return [[match_replay(s64, st.double(), target64, images.double(), labels, lr64, plan)
+             for plan in plans] for st in starts]
+
+
+def float32_errors(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   target64: torch.Tensor, plans: list, starts: list[torch.Tensor],
+                   references: list[list[MatchResult]], compile: str):
+    """(image, lr, path): per plan, the relative error of the float32 matching gradients at each
+    start against its :func:`float64_references`, and the path that ran (its first-call check may
+    have dropped the compiled one). Inner lr 0.01; ``compile`` is ``distill.compile``."""
+    student = Student.of(copy.deepcopy(model).float(), None, torch.float32, "cpu",
+                         compile=compile)
+    if (student.steps.name == "compiled") != (compile == "on"):
+        raise RuntimeError(f"distill.compile {compile} ran {student.steps.name}")
+    image, lr = [[] for _ in plans], [[] for _ in plans]
+    for k, st in enumerate(starts):
+        for i, plan in enumerate(plans):
+            r = match_replay(student, st, target64.float(), images, labels, torch.tensor(0.01),
+                             plan)
+            image[i].append(rel(r.grad_images, references[k][i].grad_images))
+            lr[i].append(rel(r.grad_lr.reshape(1), references[k][i].grad_lr.reshape(1)))
+    return image, lr, student.steps.name
 
 
 def match_unrolled(student: Student, start: torch.Tensor, target: torch.Tensor,

@@ -15,78 +15,28 @@ Marked slow: compiling the two step functions takes about a minute on 2 cores wi
 
 from __future__ import annotations
 
-import copy
 import statistics
 
 import pytest
 import torch
 
-from distill.matching import Student, make_plan, match_replay
-from distill.models import build_model
-from distill.params import ParamLayout
+from helpers import float32_errors, float64_references, moved_start, precision_problem
 
 pytestmark = pytest.mark.slow
-
-
-def _expert_like_target(model, start, images, labels, steps=20, batch=32, lr=0.05):
-    """θ after plain float64 SGD steps from ``start``: a target along gradient directions, like
-    an expert's θ*_{t+M}."""
-    student = Student.of(copy.deepcopy(model).double(), None, torch.float64, "cpu", compile="off")
-    theta = start.clone()
-    for j in range(steps):
-        rows = torch.arange(j * batch, (j + 1) * batch) % len(images)
-        theta -= lr * student.steps.gradient(theta, images[rows], labels[rows], None,
-                                             group=batch, batch=batch)
-    return theta
-
-
-def _moved(start: torch.Tensor, k: int) -> torch.Tensor:
-    if k == 0:
-        return start.clone()
-    sign = torch.randint(0, 3, start.shape, generator=torch.Generator().manual_seed(k)) - 1
-    up, down = torch.full_like(start, 1e9), torch.full_like(start, -1e9)
-    return torch.where(sign > 0, torch.nextafter(start, up),
-                       torch.where(sign < 0, torch.nextafter(start, down), start))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def test_compiled_float32_is_as_accurate_as_eager_over_one_ulp_moved_starts():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        n, size, batch, steps = 200, 16, 32, 6
-        model = build_model("convnet", in_channels=3, num_classes=10, image_size=size, width=32,
-                            depth=2, norm="batch")
-        start64 = ParamLayout.of(model).flatten(model).detach().double()
-        images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1),
-                             dtype=torch.float64).float()
-        labels = torch.arange(n) % 10
-        target64 = _expert_like_target(model, start64, images.double(), labels)
-        plans = [make_plan(n, batch=batch, steps=steps, group=batch, image_size=(size, size),
-                           dsa=None, seed=0, iteration=i) for i in range(3)]
-        starts = [_moved(start64.float(), k) for k in range(5)]
-        s64 = Student.of(copy.deepcopy(model).double(), None, torch.float64, "cpu",
-                         compile="off")
-        lr64 = torch.tensor(0.01, dtype=torch.float64)
-        refs = [[match_replay(s64, st.double(), target64, images.double(), labels, lr64, plan)
-                 for plan in plans] for st in starts]
-
+        model, start64, images, labels, target64, plans = precision_problem("small")
+        starts = [moved_start(start64.float(), k) for k in range(5)]
+        refs = float64_references(model, images, labels, target64, plans, starts)
         floor = {}
         for path in ("off", "on"):
-            student = Student.of(copy.deepcopy(model).float(), None, torch.float32, "cpu",
-                                 compile=path)
-            assert (student.steps.name == "compiled") == (path == "on"), student.steps.name
-            img, lr = [[] for _ in plans], [[] for _ in plans]
-            for k, st in enumerate(starts):
-                for i, plan in enumerate(plans):
-                    r = match_replay(student, st, target64.float(), images, labels,
-                                     torch.tensor(0.01), plan)
-                    img[i].append(_rel(r.grad_images, refs[k][i].grad_images))
-                    lr[i].append(_rel(r.grad_lr.reshape(1), refs[k][i].grad_lr.reshape(1)))
+            img, lr, ran = float32_errors(model, images, labels, target64, plans, starts, refs,
+                                          path)
+            assert (ran == "compiled") == (path == "on"), ran
             floor[path] = ([statistics.median(e) for e in img],
                            [statistics.median(e) for e in lr])
     finally:
