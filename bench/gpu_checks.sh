@@ -92,8 +92,7 @@ case "${1:-}" in
       t0=$(date +%s)
       [ "$run" = uncapped ] || sm tune --config configs/fmnist_cpu.yaml --run_dir "$dir" --no-ray \
         --select.ipc "$ipc" "${common[@]}" | tail -8 > "$OUT/fmnist_${run}_tune.log"
-      tuned=$(python3 -c "import sys; from tune.main import selected_overrides as s; o = s(sys.argv[1]);
-print(f\"--select.beta {o['select.beta']:g} --distill.alpha {o['distill.alpha']:g}\")" "$from")
+      if [ "$from" = "$dir" ]; then tuned=--tuned; else tuned=$(python3 bench/fmnist_starts.py overrides "$from"); fi
       # shellcheck disable=SC2086
       sm run --config configs/fmnist_cpu.yaml --run_dir "$dir" --workers 0 --select.ipc "$ipc" \
         --seeds 0 1 "${common[@]}" $tuned "${extra[@]}" | tail -60 > "$OUT/fmnist_$run.log"

@@ -1,25 +1,34 @@
-"""What the content-hash check of every trusted artifact costs (distill/integrity.py), at the size
-of the largest artifacts of the paper's Table 5 configs.
+"""What the checks on every trusted artifact cost (distill/integrity.py), at the size of the
+largest artifacts of the shipped configs.
 
     python bench/integrity_cost.py                       # writes bench/results/integrity_cost.md
 
-Two artifacts, generated at full size with random values (the hash does not care what they hold):
+Artifacts generated at full size with random values (neither the hash nor the loader cares what
+they hold):
 
-* a CIFAR-100 IPC 150 synthetic set: 15,000 images of 3×32×32 float32 (``synset/<set>.pt``);
+* a Tiny ImageNet IPC 100 synthetic set (configs/tiny_ipc100.yaml, the largest artifact of any
+  shipped config): 20,000 images of 3×64×64 float32 (``synset/<set>.pt``, 938 MiB);
+* a CIFAR-100 IPC 150 synthetic set: 15,000 images of 3×32×32 float32;
 * one expert of configs/cifar10_ipc250.yaml: the ConvNet-BN (width 128, depth 3) trajectory of
   101 parameter vectors (100 epochs + the start) and its per-epoch correctness table of 50,000
   samples (``experts/expert_XXXX.pt``, checked against the manifest's sha256).
 
-For each: the time of ``torch.load`` alone, of the verified load (read, sha256, compare, load) and
-of the checked save (sha256 + sidecar + file), median of ``--repeats`` runs on a local temporary
-directory (the page cache warm after the first). The overhead is the verified load minus the
-plain one.
+For each, median of ``--repeats`` runs on a local temporary directory (the page cache warm after
+the first):
+
+* loads: ``torch.load`` with ``weights_only=False`` (what the code did before) and with
+  ``weights_only=True`` (what it does now), and the verified load the product runs (read,
+  sha256, compare with the sidecar, ``weights_only=True`` load);
+* saves that replace an existing artifact: the earlier order (sidecar, then file: two atomic
+  writes) and the current one (sidecar accepting old and new, file, sidecar: three atomic writes
+  and a read of the old sidecar), both with the sha256.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -36,13 +45,13 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from distill import integrity  # noqa: E402
+from distill import integrity, storage  # noqa: E402
 from distill.estimate import Network, network_facts  # noqa: E402
 
 
-def synset_state() -> dict:
-    n = 150 * 100
-    return {"images": torch.randn(n, 3, 32, 32), "labels": torch.arange(n) % 100,
+def synset_state(*, classes: int, ipc: int, size: int) -> dict:
+    n = classes * ipc
+    return {"images": torch.randn(n, 3, size, size), "labels": torch.arange(n) % classes,
             "is_distilled": torch.zeros(n, dtype=torch.bool), "source_index": torch.arange(n),
             "syn_lr": 0.01, "method": "selmatch", "meta": {}}
 
@@ -64,15 +73,35 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def save_before(url: str, state: dict) -> None:
+    """The earlier write order: the sidecar, then the file (a crash between the two left a new
+    hash beside the old bytes)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    storage.write_text(integrity.sidecar(url), f"{sha}  {os.path.basename(url)}\n")
+    storage.write_bytes(url, data)
+
+
+def load(url: str, weights_only: bool):
+    with open(url, "rb") as f:
+        data = f.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+
+
 def measure(name: str, state: dict, directory: str, repeats: int) -> dict:
     url = os.path.join(directory, f"{name}.pt")
+    integrity.torch_save(url, state)  # every timed save replaces an existing artifact
+    before_s = median_time(lambda: save_before(url, state), repeats)
     save_s = median_time(lambda: integrity.torch_save(url, state), repeats)
     size = os.path.getsize(url)
-    plain_s = median_time(lambda: torch.load(io.BytesIO(open(url, "rb").read()),
-                                             map_location="cpu", weights_only=False), repeats)
+    unsafe_s = median_time(lambda: load(url, False), repeats)
+    safe_s = median_time(lambda: load(url, True), repeats)
     verified_s = median_time(lambda: integrity.torch_load(url, fix="-"), repeats)
-    return {"artifact": name, "bytes": size, "save_checked_s": save_s, "load_plain_s": plain_s,
-            "load_verified_s": verified_s, "overhead_s": verified_s - plain_s}
+    return {"artifact": name, "bytes": size, "save_before_s": before_s, "save_now_s": save_s,
+            "load_weights_only_false_s": unsafe_s, "load_weights_only_true_s": safe_s,
+            "load_verified_s": verified_s}
 
 
 def main() -> None:
@@ -83,7 +112,10 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        rows.append(measure("CIFAR-100 IPC 150 synthetic set", synset_state(), d, args.repeats))
+        rows.append(measure("Tiny ImageNet IPC 100 synthetic set",
+                            synset_state(classes=200, ipc=100, size=64), d, args.repeats))
+        rows.append(measure("CIFAR-100 IPC 150 synthetic set",
+                            synset_state(classes=100, ipc=150, size=32), d, args.repeats))
         rows.append(measure("CIFAR-10 expert (ConvNet-128, 100 epochs)", expert_state(), d,
                             args.repeats))
     doc = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
@@ -93,16 +125,21 @@ def main() -> None:
            "load_1min": os.getloadavg()[0], "rows": rows}
     with open(args.out + ".json", "w") as f:
         json.dump(doc, f, indent=1)
-    lines = ["# The cost of checking every artifact's hash", "",
+    lines = ["# The cost of checked, code-free loads and of the crash-safe write order", "",
              f"`{doc['command']}` ({doc['date']}, {doc['machine']}, torch {doc['torch']}; "
              f"1-minute load {doc['load_1min']:.2f}). Median of {args.repeats} runs on a local "
-             "temporary directory; the verified load reads the file, hashes it (sha256), compares "
-             "with its sidecar and then loads it; the checked save writes the sidecar and the file.",
-             "", "| artifact | size | checked save (s) | plain load (s) | verified load (s) | "
-                 "overhead of the check (s) |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['artifact']} | {r['bytes'] / 2**20:.0f} MiB | {r['save_checked_s']:.2f} | "
-              f"{r['load_plain_s']:.2f} | {r['load_verified_s']:.2f} | {r['overhead_s']:.2f} |"
+             "temporary directory. Loads: `torch.load` of the file's bytes with "
+             "`weights_only=False` (before) and `True` (now), and the verified load the product "
+             "runs (read, sha256, compare with the sidecar, `weights_only=True`). Saves replace "
+             "an existing artifact: before, the sidecar then the file; now, a sidecar accepting "
+             "the old and the new hash, the file, then the sidecar of the new hash alone "
+             "(distill/integrity.py).",
+             "", "| artifact | size | save before (s) | save now (s) | load, weights_only=False "
+                 "(s) | load, weights_only=True (s) | verified load now (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['artifact']} | {r['bytes'] / 2**20:.0f} MiB | {r['save_before_s']:.2f} | "
+              f"{r['save_now_s']:.2f} | {r['load_weights_only_false_s']:.2f} | "
+              f"{r['load_weights_only_true_s']:.2f} | {r['load_verified_s']:.2f} |"
               for r in rows]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

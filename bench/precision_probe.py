@@ -96,10 +96,7 @@ def apply_variant(name: str) -> None:
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
     os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
     if name == "aot_eager":  # the compiled graph run by ATen's kernels, no code generation
-        import distill.student as student_mod
-
-        student_mod._BACKEND = "aot_eager"
-        return
+        return  # main() passes the backend
     if name == "f32stats":  # batch norm's statistics in float32, as before the fix
         patch_batch_norm_statistics(float32_statistics)
     elif name == "twopass":  # the mean, then the centred squares
@@ -140,8 +137,9 @@ def main() -> None:
     for path in args.paths.split(","):
         torch.set_num_threads(2 if path == "eager-2-threads" else 1)
         t0 = time.perf_counter()
+        backend = "aot_eager" if "aot_eager" in args.variant.split("+") else "inductor"
         img, lr, ran = float32_errors(model, images, labels, target64, plans, starts, refs,
-                                      "on" if path == "compiled" else "off")
+                                      "on" if path == "compiled" else "off", backend=backend)
         label = path + ("" if path != "compiled" or args.variant == "base" else
                         f" ({args.variant})")
         rows.append({"path": label, "steps_name": ran,

@@ -419,6 +419,12 @@ AUGMENTS: dict[str, Callable[[DSAConfig, RealAugment], Augmentation]] = {
 REAL_PARTS = ("simple", "combined")
 """The augmentations with a crop + flip part, which :class:`RealAugment` configures."""
 
+
+def has_real_part(augment: str) -> bool:
+    """Whether evaluation augmentation ``augment`` crops (and maybe flips) real rows: the one
+    rule for where ``eval.flip`` and ``eval.crop_fill`` matter (records, stamps, reports)."""
+    return augment in REAL_PARTS
+
 TRAINING_AUGMENTS: dict[str, Callable[[DSAConfig], DSA | None]] = {
     "dsa": DSA, "none": lambda config: None,
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distill.checks import team_problems
 from distill.config import ConfigError, DistillConfig, RunConfig
 from distill.selection import split_counts
 
@@ -43,10 +44,8 @@ class Batching:
         if self.batch % self.group:
             out.append(f"distill.bn_group ({self.group}) must divide the batch |b| = {self.batch} "
                        f"({self._batch_source()})")
-        if self.group_ranks >= 1 and self.group % self.group_ranks:
-            out.append(f"distill.group_ranks ({self.group_ranks}) must divide the BN group size "
-                       f"({self.group}, distill.bn_group or the batch): each rank of a group's "
-                       f"team holds an equal share of its rows")
+        if self.group_ranks >= 1:
+            out += team_problems(self.group_ranks, group=self.group)
         return out
 
     def check(self) -> Batching:

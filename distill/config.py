@@ -104,10 +104,19 @@ class ScoresConfig:
 class SelectConfig:
     ipc: int = 10
     """Synthetic images per class."""
-    beta: float = 0.0
-    """Window start as a fraction of each class's difficulty-sorted pool (0 = hardest end)."""
-    init: str = "window"
-    """Initialisation of the synthetic set: window, random or topk (the hardest IPC)."""
+    beta: float | None = None
+    """Window start as a fraction of each class's difficulty-sorted pool (0 = hardest end).
+    None = the β the window search chose on the validation split (``selmatch window``, run by
+    ``selmatch run``): the paper's initial set is the best window the search finds. A number
+    pins the window there (the paper's Table 5 configs pin its tuned values)."""
+    init: str = "auto"
+    """Where SelMatch's synthetic set starts. auto: with select.beta null, the window search's
+    decision: its best window, or the random subset of the same class balance when no window
+    beats that subset on validation beyond the noise (docs/search.md); with select.beta set, the
+    window there. window: always a window (at select.beta, or at the searched β when it is
+    null). random: the random subset, pinned. topk: the IPC hardest of each class. With a
+    partial update the start's harder part stays real and its easier part is distilled, for a
+    random start too (ordered by the difficulty scores)."""
 
 
 @dataclass(kw_only=True)
@@ -287,6 +296,10 @@ class MetricsConfig:
 class RunConfig:
     run_dir: str = "runs/quickstart"
     """Run directory for every artifact (local path or fsspec URL)."""
+    tuned: bool = False
+    """Take select.init, select.beta and distill.alpha from ``<run_dir>/tune/selected.yaml``
+    (what ``selmatch tune`` chose; ``selmatch run --tuned``). Applied over the config file and
+    under command-line overrides; refused when that choice was made with other settings."""
     seed: int = 0
     """Run seed; every random generator is derived from it and a position. It also seeds the
     experts, the scores and the window search, which every repetition in ``seeds`` shares."""
@@ -304,10 +317,6 @@ class RunConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
-
-# the sections that decide results (hashed into artifacts); ``metrics`` only decides where
-# results are logged, so changing it never invalidates an artifact
-SECTIONS = ("data", "model", "experts", "scores", "select", "distill", "eval", "tune")
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import reprlib
 import struct
+import warnings
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -178,13 +181,81 @@ _CIFAR100 = _CifarLayout("cifar-100-python", ("train",), "test", "meta",
                          b"fine_labels", b"fine_label_names")
 
 
+def _latin1(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as a bytes value needs it (Python 3 writes bytes so in pickle
+    protocols 0-2), and nothing else: no other codec."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode({_short(text)}, {_short(encoding)}) is "
+                                     f"not how a pickle writes bytes")
+    return text.encode("latin1")
+
+
+_NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+
+# The globals a CIFAR pickle may name. The format is a dict of lists, bytes, str and ints, which
+# pickle writes with its own opcodes, and one numpy uint8 array, which needs these names (the
+# original files, written by Python 2 and numpy 1, name the first three):
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): (f"{_NUMPY_CORE}.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"): ("numpy", "ndarray"),
+    ("numpy", "dtype"): ("numpy", "dtype"),
+    # the same array as numpy 2 names it, and as pickle protocol 5 writes it
+    ("numpy._core.multiarray", "_reconstruct"): (f"{_NUMPY_CORE}.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"): (f"{_NUMPY_CORE}.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): (f"{_NUMPY_CORE}.numeric", "_frombuffer"),
+    # a numpy number (a label written as numpy.int64)
+    ("numpy.core.multiarray", "scalar"): (f"{_NUMPY_CORE}.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"): (f"{_NUMPY_CORE}.multiarray", "scalar"),
+    ("builtins", "bytearray"): ("builtins", "bytearray"),
+}
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = 8
+_REPR.maxlevel = 2
+
+
+def _short(value: Any) -> str:
+    """repr() cut to a few dozen characters (a value read from a file may be large)."""
+    return _REPR.repr(value)
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global that is not part of the CIFAR format."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that builds only what the CIFAR format holds: loading a pickle calls
+    every function it names, so a crafted batch file could otherwise run any code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Python 2's names (``__builtin__.bytearray``), as pickle's own find_class maps them
+        module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+        if (module, name) == ("_codecs", "encode"):  # bytes in protocols 0-2 (Python 3)
+            return _latin1
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(*_CIFAR_GLOBALS[module, name])
+
+
 def _unpickle(path: str) -> dict:
-    """CIFAR's own format is a pickle: only read files from a source you trust."""
+    """A CIFAR pickle; a pickle naming anything but the format's types is refused unloaded."""
     try:
         with fsspec.open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-        raise ValueError(f"{path}: not a CIFAR pickle ({err})") from err
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as err:
+        raise ValueError(
+            f"{path}: refused to unpickle: it names the global {str(err):.100}, which is not "
+            f"part of the CIFAR format (a CIFAR batch holds numpy arrays, lists, dicts, bytes, "
+            f"str and int); loading a pickle calls the functions it names, so this file could "
+            f"run code. "
+            f"Replace it with the original file from the CIFAR site (or delete the folder and "
+            f"set data.download: true)") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+            IndexError) as err:
+        raise ValueError(f"{path}: not a CIFAR pickle ({type(err).__name__}: "
+                         f"{str(err):.200})") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -194,7 +265,8 @@ def _cifar_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     """One batch file: uint8 [N, 3072] row-major CHW data and N labels (any N)."""
     batch = _unpickle(path)
     if b"data" not in batch or label_key not in batch:
-        raise ValueError(f"{path}: needs keys b'data' and {label_key!r}, has {sorted(batch)}")
+        raise ValueError(f"{path}: needs keys b'data' and {label_key!r}, has "
+                         f"{_short(sorted(batch, key=repr))}")
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     labels = np.asarray(batch[label_key], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
@@ -234,16 +306,22 @@ def _decode_rgb64(fs: Any, path: str) -> np.ndarray:
 
     try:
         with fs.open(path, "rb") as f:
-            img = np.asarray(Image.open(f).convert("RGB"))  # greyscale files become RGB
+            opened = Image.open(f)  # the header only: the size is checked before decoding
+            if opened.size != (64, 64):
+                raise ValueError(f"{path}: image is {opened.size[0]}x{opened.size[1]}, "
+                                 f"expected 64x64 (refused before decoding)")
+            img = np.asarray(opened.convert("RGB"))  # greyscale files become RGB
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{path}: refused before decoding by PIL as a possible decompression "
+                         f"bomb ({err}); a Tiny ImageNet image is 64x64") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path}: cannot decode image ({err})") from err
-    if img.shape != (64, 64, 3):
-        raise ValueError(f"{path}: image is {img.shape[1]}x{img.shape[0]}, expected 64x64")
     return img
 
 
 def _decode_all(fs: Any, paths: list[str], what: str) -> np.ndarray:
     """Decode in threads (PIL releases the GIL), keeping the order of `paths`."""
+    from PIL import Image
     from tqdm import tqdm
 
     out = np.empty((len(paths), 64, 64, 3), dtype=np.uint8)
@@ -251,7 +329,12 @@ def _decode_all(fs: Any, paths: list[str], what: str) -> np.ndarray:
     def one(i: int) -> None:
         out[i] = _decode_rgb64(fs, paths[i])
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 1)) as pool:
+        # an image large enough for PIL's DecompressionBombWarning is refused by its size
+        # (64x64 expected) before decoding, naming the file: PIL's anonymous warning is silenced
+        # (set here, around the workers: warning filters are process-wide)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         for _ in tqdm(pool.map(one, range(len(paths))), total=len(paths),
                       desc=f"tinyimagenet {what}", disable=len(paths) < 2000):
             pass

@@ -1,6 +1,7 @@
-"""The distillation loop: sample an expert segment, match, update D_distill and syn_lr, checkpoint;
-and :func:`run_distill`, one whole distillation (select, distill, save), which
-``distill/main.py``, ``selmatch distill`` and ``selmatch run`` call.
+"""The distillation loop: sample an expert segment, match, update D_distill and syn_lr,
+checkpoint. One whole distillation (what it needs, the lock, the config it writes, skipping a
+fresh result, resuming) is launch/distillation.py's, which ``distill/main.py``, ``selmatch distill``,
+``selmatch run`` and the α trials of ``selmatch tune`` call.
 
 Every random choice is a function of (run seed, iteration): which expert, which start epoch, the
 batches and the augmentation. A checkpoint therefore needs no RNG state, and a run resumed from
@@ -9,7 +10,6 @@ iteration k ends bit for bit where an uninterrupted run ends (on CPU; tested).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import resource
@@ -19,25 +19,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill import integrity, storage
+from distill import integrity
 from distill.augment import training_dsa
 from distill.batching import idle_ranks, resolve_config
 from distill.config import RunConfig, syn_lr_init
-from distill.config_io import dump_yaml, save_config
-from distill.data import Dataset, load_configured
+from distill.data import Dataset
 from distill.experts import build_network
-from distill.freshness import digest, made_of, stamp
-from distill.lock import RunDirBusyError, acquire, release
 from distill.matching import LOCAL, Collectives, make_plan, match_replay, theta_pair
-from distill.metrics import JsonlSink, Metrics, tensorboard_sinks
-from distill.preflight import log_summary
-from distill.prerequisites import require_stages
+from distill.metrics import Metrics
 from distill.rng import SEGMENT
-from distill.runtime import Runtime, cpu_threads
-from distill.scores import load_scores, scores_digest
-from distill.selection import make_selection
-from distill.student import Student, set_precision
-from distill.synset import SyntheticSet, read_synset_state
+from distill.runtime import cpu_threads
+from distill.scores import Scores, load_scores
+from distill.selection import Start, make_selection, needs_scores, resolve_start
+from distill.student import BACKEND, Student, set_precision
+from distill.synset import SyntheticSet
 from distill.trajectories import ExpertStore, TrajectoryCache
 
 log = logging.getLogger(__name__)
@@ -49,46 +44,41 @@ class DivergenceError(FloatingPointError):
     """The matching loss or a gradient became NaN/Inf."""
 
 
-def method_name(cfg: RunConfig) -> str:
-    """Artifact name of the distilled set: merge, mtt (random init) or selmatch."""
-    if cfg.distill.mode == "merge":
-        return "merge"
-    return "mtt" if cfg.select.init == "random" else "selmatch"
-
-
-def resume_hash(cfg: RunConfig, experts_digest: str) -> str:
-    """Everything that must not change between a checkpoint and its resumption: the stage's
-    fields but the iteration count (distill/freshness.py) and the experts' identity. The initial
-    selection is compared row by row (``source_index``) when the checkpoint is loaded."""
-    return stamp(cfg, "distill_resume", inputs={"experts": experts_digest})
-
-
-CHECKPOINT_KEYS = ("iteration", "method", "resume_hash", "distilled", "syn_lr", "source_index",
-                   "opt_images", "opt_lr", "history")
+CHECKPOINT_KEYS = ("iteration", "method", "stamp", "made_of", "distilled", "syn_lr",
+                   "source_index", "opt_images", "opt_lr", "history")
 CHECKPOINT_FIX = "delete it, or run without --resume to start over"
 
 
-class ConcurrentWriterError(RuntimeError):
-    """Another command wrote this run directory while a distillation ran."""
+def check_checkpoint(state: dict, url: str, synset: SyntheticSet) -> None:
+    """A DamagedArtifactError naming ``url`` unless checkpoint ``state`` has the types and
+    shapes that continuing ``synset``'s distillation needs (a re-signed or hand-edited file
+    fails here with its field, not deep inside a tensor copy)."""
+    problems = []
+    it = state["iteration"]
+    if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+        problems.append(f"iteration is {it!r:.40}, not an integer >= 0")
+    want = {"distilled": tuple(synset.distilled.shape), "syn_lr": (),
+            "source_index": tuple(synset.source_index.shape)}
+    for key, shape in want.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{key} is a {type(value).__name__}, not a tensor")
+        elif tuple(value.shape) != shape:
+            problems.append(f"{key} has shape {list(value.shape)}, this run's is {list(shape)}")
+        elif key != "source_index" and not value.is_floating_point():
+            problems.append(f"{key} holds {value.dtype}, not floating-point values")
+    for key in ("opt_images", "opt_lr"):
+        if not isinstance(state[key], dict) or not {"state", "param_groups"} <= set(state[key]):
+            problems.append(f"{key} is not an optimiser state")
+    if not isinstance(state["history"], list):
+        problems.append(f"history is a {type(state['history']).__name__}, not a list")
+    if problems:
+        raise integrity.DamagedArtifactError(url, "; ".join(problems), CHECKPOINT_FIX)
 
 
 class StaleCheckpointError(ValueError):
     """A checkpoint that cannot continue to the requested result (other settings, experts or
     selection, or past the requested iteration count)."""
-
-
-def check_resumable(state: dict, cfg: RunConfig, key: str, url: str) -> None:
-    """Raise StaleCheckpointError unless checkpoint ``state`` can continue to ``cfg``'s result."""
-    if state.get("resume_hash") != key:
-        raise StaleCheckpointError(
-            f"{url} was written with other settings or experts (only distill.iterations, "
-            f"checkpoint_every, log_every, check_every and num_threads may change on --resume); "
-            f"run without --resume to start over")
-    if int(state["iteration"]) > cfg.distill.iterations:
-        raise StaleCheckpointError(
-            f"{url} is at iteration {int(state['iteration'])}, past distill.iterations = "
-            f"{cfg.distill.iterations}: a shorter run cannot continue from it; run without "
-            f"--resume to start over")
 
 
 def peak_memory(device: torch.device) -> tuple[str, str, float]:
@@ -104,16 +94,22 @@ def peak_memory(device: torch.device) -> tuple[str, str, float]:
 
 
 class Distiller:
+    """One distillation's loop and its checkpoints. ``name``: the set's artifact name (progress
+    bar, logs); ``stamp``: what its checkpoints record as the result they continue to
+    (distill/artifacts.py; a checkpoint of another stamp is refused); ``backend``: the compiled
+    path's torch.compile backend (distill/student.py)."""
+
     def __init__(self, cfg: RunConfig, ds: Dataset, synset: SyntheticSet, store: ExpertStore, *,
                  comm: Collectives = LOCAL, device: torch.device | str = "cpu",
-                 metrics: Metrics | None = None, is_main: bool = True, method: str | None = None):
+                 metrics: Metrics | None = None, is_main: bool = True, name: str = "selmatch",
+                 stamp: str = "", made_of: dict | None = None, backend: str = BACKEND):
         self.cfg, self.ds, self.synset = cfg, ds, synset
-        self.name = method or method_name(cfg)  # the artifact name (progress bar, logs)
+        self.name = name
         self.comm, self.device, self.is_main = comm, torch.device(device), is_main
         self.metrics = metrics or Metrics()
-        self.method = method_name(cfg)
+        self.merge = cfg.distill.mode == "merge"  # D_distill is matched alone
         self.expert_ids = store.require()  # every configured expert, intact, or an error
-        self.resume_key = resume_hash(cfg, store.digest())
+        self.resume_key, self.made_of = stamp, dict(made_of or {})
         self.trajectories = TrajectoryCache(store)
         dtype = synset.distilled.dtype
         self.dsa = training_dsa(cfg.distill.augment)
@@ -122,7 +118,7 @@ class Distiller:
                                   self.device, compile=cfg.distill.compile,
                                   cuda_graphs=cfg.distill.cuda_graphs,
                                   groups_per_call=cfg.distill.groups_per_call,
-                                  team=comm.team(cfg.distill.group_ranks))
+                                  team=comm.team(cfg.distill.group_ranks), backend=backend)
         # merge (ablation): D_distill is matched alone and concatenated afterwards
         batching = resolve_config(cfg, ds.num_classes).check()  # the rule validation applied
         self.batch, self.group = batching.batch, batching.group
@@ -148,7 +144,7 @@ class Distiller:
 
     def _matched_images(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.synset
-        if self.method == "merge":
+        if self.merge:
             return s.distilled.detach(), s.labels[s.is_distilled.to(s.labels.device)]
         return s.images().detach(), s.labels
 
@@ -164,7 +160,7 @@ class Distiller:
                          iteration=iteration)
         res = match_replay(self.student, start, target, images, labels, self.synset.syn_lr, plan,
                            comm=self.comm)
-        grad = res.grad_images if self.method == "merge" else \
+        grad = res.grad_images if self.merge else \
             res.grad_images[self.synset.is_distilled.to(res.grad_images.device)]
         self._check_finite(iteration, res.loss, grad, res.grad_lr)
         self.opt_images.zero_grad(set_to_none=False)
@@ -267,8 +263,9 @@ class Distiller:
     def checkpoint_state(self) -> dict:
         return {
             "iteration": self.iteration,
-            "method": self.method,
-            "resume_hash": self.resume_key,
+            "method": self.name,
+            "stamp": self.resume_key,
+            "made_of": self.made_of,
             "distilled": self.synset.distilled.detach().cpu().clone(),
             "syn_lr": self.synset.syn_lr.detach().cpu().clone(),
             "source_index": self.synset.source_index.cpu(),
@@ -287,11 +284,21 @@ class Distiller:
         changed or a key is missing) and checked to continue to this config's result
         (StaleCheckpointError otherwise)."""
         state = integrity.torch_load(url, fix=CHECKPOINT_FIX, keys=CHECKPOINT_KEYS)
+        if state.get("stamp") != self.resume_key:
+            raise StaleCheckpointError(
+                f"{url} was written with other settings, experts, scores or start (only "
+                f"distill.iterations, checkpoint_every, log_every, check_every and num_threads "
+                f"may change on --resume); run without --resume to start over")
+        check_checkpoint(state, url, self.synset)
         if not torch.equal(state["source_index"], self.synset.source_index.cpu()):
             raise StaleCheckpointError(f"{url}: its synthetic set was selected from other images "
                                        f"(other scores or selection); run without --resume to "
                                        f"start over")
-        check_resumable(state, self.cfg, self.resume_key, url)
+        if state["iteration"] > self.cfg.distill.iterations:
+            raise StaleCheckpointError(
+                f"{url} is at iteration {state['iteration']}, past distill.iterations = "
+                f"{self.cfg.distill.iterations}: a shorter run cannot continue from it; run "
+                f"without --resume to start over")
         with torch.no_grad():
             self.synset.distilled.copy_(state["distilled"].to(self.synset.distilled))
             self.synset.syn_lr.copy_(state["syn_lr"].to(self.synset.syn_lr))
@@ -301,181 +308,19 @@ class Distiller:
         self.history = list(state["history"])
 
 
-# --------------------------------------------------------------------------------------------
-# One whole distillation: select, distill, save
-# --------------------------------------------------------------------------------------------
-
-
-def initial_set(cfg: RunConfig, ds: Dataset, source: RunConfig | None = None,
-                pool: np.ndarray | None = None) -> SyntheticSet:
-    """The selection of ``select.init`` as a synthetic set (float32, CPU); scores are read from
-    ``source.run_dir`` (default: ``cfg``'s); ``pool``: select among these training indices only
-    (an α trial's pool: distill/search.py)."""
-    scores = None if cfg.select.init == "random" else \
-        load_scores((source or cfg).run_dir, cfg.scores.kind)
-    sel = make_selection(cfg.select.init, scores=scores, labels=ds.y_train.numpy(),
-                         num_classes=ds.info.num_classes, ipc=cfg.select.ipc,
-                         beta=cfg.select.beta, alpha=cfg.distill.alpha, seed=cfg.seed,
-                         pool=pool)
+def initial_set(cfg: RunConfig, ds: Dataset, start: Start | None = None,
+                scores: Scores | None = None, pool: np.ndarray | None = None) -> SyntheticSet:
+    """The selection ``start`` makes at ``cfg``'s IPC and α as a synthetic set (float32, CPU):
+    D_select the harder part, D_distill the easier. ``start``: default the config's own (a
+    pinned start: select.init random or topk, or select.beta set); ``scores``: default read from
+    ``cfg.run_dir`` where the start needs them. ``pool``: select among these training indices
+    only (an α trial's pool: distill/search.py)."""
+    if start is None:
+        start = resolve_start(cfg.select.init, cfg.select.beta, None)
+    if scores is None and needs_scores(start.init, cfg.distill.alpha):
+        kind = cfg.scores.topk if start.init == "topk" else cfg.scores.kind
+        scores = load_scores(cfg.run_dir, kind)
+    sel = make_selection(start.init, scores=scores, labels=ds.y_train.numpy(),
+                         num_classes=ds.info.num_classes, ipc=cfg.select.ipc, beta=start.beta,
+                         alpha=cfg.distill.alpha, seed=cfg.seed, pool=pool)
     return SyntheticSet.from_selection(sel, ds.x_train, syn_lr_init(cfg))
-
-
-def result_made_of(cfg: RunConfig, source: RunConfig | None = None,
-                   pool: np.ndarray | None = None) -> dict:
-    """What makes a distilled set (distill/freshness.py): every field of the stage, iterations
-    included, and the identity of the experts and scores it was made from (and of the pool it
-    selected from, when not the whole training set)."""
-    src = source or cfg
-    inputs = {"experts": ExpertStore(src).digest()}
-    if cfg.select.init != "random":
-        inputs["scores"] = scores_digest(src.run_dir, cfg.scores.kind)
-    if pool is not None:
-        inputs["pool"] = digest(np.asarray(pool).tolist())
-    return made_of(cfg, "distill", inputs=inputs)
-
-
-def result_stamp(cfg: RunConfig, source: RunConfig | None = None,
-                 pool: np.ndarray | None = None) -> str:
-    """The freshness stamp of a distilled set: the hash of :func:`result_made_of`."""
-    return digest(result_made_of(cfg, source, pool))
-
-
-def _meta(cfg: RunConfig, method: str, stamp_: str, **extra) -> dict:
-    return {"method": method, "dataset": cfg.data.name, "ipc": cfg.select.ipc,
-            "alpha": cfg.distill.alpha, "beta": cfg.select.beta, "init": cfg.select.init,
-            "seed": cfg.seed, "iterations": cfg.distill.iterations, "stamp": stamp_, **extra}
-
-
-def run_distill(cfg: RunConfig, *, resume: bool = False, runtime: Runtime | None = None,
-                progress: bool = True, source: RunConfig | None = None,
-                method: str | None = None, restart_stale: bool = False,
-                pool: np.ndarray | None = None, ds: Dataset | None = None,
-                preflight: bool = True) -> SyntheticSet:
-    """Select, distill and save; returns the final synthetic set.
-
-    ``source``: the run whose experts and scores are used (default ``cfg``; ``selmatch run``
-    repeats distillation per seed in ``run_dir/seeds/<s>`` on the main run's experts, and an α
-    trial of ``selmatch tune`` distils in its own directory). ``method``: the artifact name
-    (default :func:`method_name`). ``restart_stale``: with ``resume``, a checkpoint that cannot
-    continue to this result is ignored (the run starts over) instead of refused. ``pool``: select
-    among these training indices only. ``ds``: the loaded dataset (default: load ``cfg.data``).
-    ``preflight``: log the estimate's summary line first. Everything that can refuse the run
-    (data, scores, experts, a checkpoint from other settings, an unwritable run_dir) is checked
-    before anything is written, so a refused run leaves the run directory as it was."""
-    rt = runtime or Runtime.create()
-    src = source or cfg
-    require_stages(dataclasses.replace(src, select=cfg.select), "distill")  # source's experts
-    method = method or method_name(cfg)
-    ds = ds if ds is not None else load_configured(cfg.data)
-    synset = initial_set(cfg, ds, src, pool)
-    log.info("%s: %s, %d images (%d learnable), %s", method, cfg.data.name, len(synset),
-             len(synset.distilled), rt.describe())
-    distiller = None
-    if len(synset.distilled) and cfg.distill.iterations:
-        synset = synset.to(rt.device)
-        distiller = _distiller(cfg, ds, synset, rt, method, src, resume=resume,
-                               restart_stale=restart_stale)
-    # rank 0 writes: it checks and takes the run directory's lock, and every rank learns the
-    # verdict (no rank left waiting in a collective)
-    problem, lock = None, None
-    if rt.is_main:
-        try:
-            storage.check_writable(cfg.run_dir)
-            lock = acquire(cfg.run_dir, f"selmatch distill ({method})")
-        except (storage.RunDirError, RunDirBusyError) as err:
-            problem = (type(err).__name__, str(err))
-    problem = rt.broadcast_object(problem)
-    if problem is not None:
-        raise (RunDirBusyError if problem[0] == "RunDirBusyError" else storage.RunDirError)(
-            problem[1])
-    try:
-        return _distill_and_save(cfg, rt, ds, synset, distiller, src, pool, method, progress,
-                                 preflight)
-    finally:
-        if lock is not None:
-            release(lock)
-
-
-def _distill_and_save(cfg: RunConfig, rt: Runtime, ds: Dataset, synset: SyntheticSet,
-                      distiller: Distiller | None, src: RunConfig, pool: np.ndarray | None,
-                      method: str, progress: bool, preflight: bool) -> SyntheticSet:
-    final_made_of = result_made_of(cfg, src, pool)
-    final_stamp = digest(final_made_of)
-    # checks done: from here on the run writes
-    if rt.is_main and preflight:
-        log_summary(cfg, ranks=rt.world_size, device=rt.device.type)
-    if rt.is_main:
-        save_config(cfg)
-        storage.write_json(storage.join(cfg.run_dir, "data.json"), ds.describe())
-        # the exact starting point (selection, learnable rows marked), kept for comparisons
-        synset.save(cfg.run_dir, f"{method}_init",
-                    meta=_meta(cfg, f"{method}_init", final_stamp, made_of=final_made_of),
-                    denormalize=ds.denormalize)
-    if distiller is None:
-        log.info("nothing to distill (alpha %.3g, %d iterations): the result is the selection",
-                 cfg.distill.alpha, cfg.distill.iterations)
-    else:
-        distiller.run(checkpoint_url=_checkpoint_url(cfg, method), progress=progress)
-        distiller.metrics.close()
-    if rt.is_main:
-        _check_single_writer(cfg, method, final_stamp)
-        synset.save(cfg.run_dir, method, meta=_meta(cfg, method, final_stamp,
-                                                    syn_lr=float(synset.syn_lr.detach()),
-                                                    made_of=final_made_of),
-                    denormalize=ds.denormalize)
-    rt.barrier()
-    return synset
-
-
-def _check_single_writer(cfg: RunConfig, method: str, final_stamp: str) -> None:
-    """Before the result is saved: ``config.yaml`` and the initial set on storage are still the
-    ones this run wrote. The run-directory lock (distill/lock.py) keeps a second command out of a
-    local or shared filesystem; on an object store, where a lock cannot be atomic, this is what
-    keeps two commands' results from mixing (a set saved next to another command's config)."""
-    config_url = storage.join(cfg.run_dir, "config.yaml")
-    init_url = storage.join(cfg.run_dir, "synset", f"{method}_init.pt")
-    problems = []
-    if not storage.exists(config_url) or storage.read_text(config_url) != dump_yaml(cfg):
-        problems.append(f"{config_url} is not the configuration this run wrote")
-    meta = read_synset_state(init_url).get("meta", {}) if storage.exists(init_url) else {}
-    if meta.get("stamp") != final_stamp:
-        problems.append(f"{init_url} is not the starting set this run wrote")
-    if problems:
-        raise ConcurrentWriterError(
-            f"another command wrote {cfg.run_dir} while this distillation ran: "
-            f"{'; '.join(problems)}. The result is not saved (its checkpoint is kept); run one "
-            f"command per run directory, then run this one again")
-
-
-def _checkpoint_url(cfg: RunConfig, method: str) -> str:
-    return storage.join(cfg.run_dir, "checkpoints", f"{method}.pt")
-
-
-def _distiller(cfg: RunConfig, ds: Dataset, synset: SyntheticSet, rt: Runtime, method: str,
-               source: RunConfig, *, resume: bool, restart_stale: bool) -> Distiller:
-    """The Distiller, resumed from the checkpoint when asked (and refused before any write when
-    the checkpoint cannot continue to this config's result)."""
-    ckpt = _checkpoint_url(cfg, method)
-    metrics_url = storage.join(cfg.run_dir, "logs", f"distill_{method}.jsonl")
-    sinks = [JsonlSink(metrics_url), *tensorboard_sinks(cfg, f"distill_{method}", source)] \
-        if rt.is_main else []
-    distiller = Distiller(cfg, ds, synset, ExpertStore(source), comm=rt, device=rt.device,
-                          metrics=Metrics(sinks), is_main=rt.is_main, method=method)
-    if resume and storage.exists(ckpt):
-        try:
-            distiller.load_checkpoint(ckpt)
-        except StaleCheckpointError as err:
-            if not restart_stale:
-                raise
-            log.info("%s; starting from iteration 0", err)
-            return distiller
-        except integrity.DamagedArtifactError as err:
-            if not restart_stale:
-                raise
-            log.warning("%s: starting from iteration 0", err)
-            return distiller
-        distiller.metrics.resume_after(distiller.iteration)  # metrics up to the checkpoint
-        log.info("resumed from %s at iteration %d", ckpt, distiller.iteration)
-    elif resume:
-        log.info("no checkpoint at %s; starting from iteration 0", ckpt)
-    return distiller

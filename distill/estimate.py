@@ -33,7 +33,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from distill.checks import team_problems
 
 GIB = 2.0 ** 30
 
@@ -117,7 +118,7 @@ def group_flops(net: Network, group: int) -> tuple[int, int]:
     create_graph, then ∇ of g·λ w.r.t. θ and the images), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distill.params import ParamLayout, functional_forward
+    from distill.params import ParamLayout, functional_forward, step_loss
 
     model = net.build().train()
     layout = ParamLayout.of(model)
@@ -129,8 +130,7 @@ def group_flops(net: Network, group: int) -> tuple[int, int]:
     y = torch.zeros(group, dtype=torch.long, device="meta")
 
     def loss() -> torch.Tensor:
-        out = functional_forward(model, theta, x, layout, buffers=buffers)
-        return F.cross_entropy(out, y, reduction="sum") / group
+        return step_loss(functional_forward(model, theta, x, layout, buffers=buffers), y, group)
 
     with FlopCounterMode(display=False) as forward:
         torch.autograd.grad(loss(), theta)
@@ -256,7 +256,7 @@ def fitting_group(shape: MatchingShape, budget: float, device: str = "cuda") -> 
     from dataclasses import replace
 
     for g in sorted((d for d in range(1, shape.batch + 1) if shape.batch % d == 0), reverse=True):
-        if g % shape.group_ranks:
+        if team_problems(shape.group_ranks, group=g):
             continue
         if peak_bytes(replace(shape, group=g, groups_per_call=1), device) <= budget:
             return g

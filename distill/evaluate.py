@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from distill.augment import AUGMENTS, REAL_PARTS, RealAugment, build_augment
+from distill.augment import AUGMENTS, RealAugment, build_augment, has_real_part
 from distill.checks import check_int, int_problem
 from distill.data import Dataset
-from distill.methods import crop_fill_for, eval_network, real_augment
+from distill.methods import eval_network, real_augment
 from distill.models import build_model, eval_outputs
 from distill.rng import (
     EVAL_AUGMENT,
@@ -55,9 +55,9 @@ from distill.rng import (
 from distill.runtime import cpu_threads
 
 __all__ = [
-    "EvalResult", "ImageSet", "Reference", "config_epochs", "coverage", "coverage_of",
-    "eval_epochs", "evaluate_images", "evaluate_sets", "nn_radius", "run_correct", "run_jobs",
-    "run_set", "summarize", "train_network",
+    "EvalResult", "ImageSet", "Protocol", "Reference", "config_epochs", "coverage",
+    "coverage_of", "eval_epochs", "evaluate_images", "evaluate_sets", "nn_radius", "run_correct",
+    "run_jobs", "run_set", "summarize", "train_network",
 ]  # fmt: skip
 
 _CHUNK = 1024  # rows per cdist block: 1024 × 50k distances are 200 MB in float32
@@ -137,37 +137,62 @@ def _fresh_network(model: str, images: Tensor, num_classes: int, seed: int, *, w
                            image_size=images.shape[2], width=width, depth=depth, norm=norm)
 
 
-def train_network(images: Tensor, labels: Tensor, *, num_classes: int, model: str, epochs: int,
-                  lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
-                  batch_size: int = 128, augment: str = "combined",
+@dataclass(frozen=True, kw_only=True)
+class Protocol:
+    """How one evaluation network is trained: the network, the epochs, the optimiser, the batch
+    and the augmentation (and how it crops and flips real rows). Built from a run config's
+    ``eval`` section (:meth:`of`), which holds every default: nothing here repeats them."""
+
+    model: str
+    epochs: int
+    augment: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    width: int
+    depth: int | None
+    norm: str
+    real: RealAugment = RealAugment()
+
+    @classmethod
+    def of(cls, cfg, info, *, epochs: int, augment: str) -> Protocol:
+        """``cfg``'s protocol (the network of distill.methods.eval_network, the crop + flip of
+        distill.methods.real_augment on a dataset with ``info``'s normalisation)."""
+        ev = cfg.eval
+        return cls(model=ev.model, epochs=epochs, augment=augment, lr=ev.lr,
+                   momentum=ev.momentum, weight_decay=ev.weight_decay, batch_size=ev.batch_size,
+                   real=real_augment(cfg, info), **eval_network(cfg))
+
+
+def train_network(images: Tensor, labels: Tensor, *, num_classes: int, protocol: Protocol,
                   is_distilled: Tensor | None = None, seed: int = 0,
-                  device: str | torch.device = "cpu", progress: bool = False, width: int = 128,
-                  depth: int | None = None, norm: str = "batch",
-                  real: RealAugment = RealAugment()) -> nn.Module:
-    """Train a fresh `model` (ConvNet: of `width`, `depth`, `norm`) on (images, labels) with the
-    evaluation protocol; return it in eval mode. Images are in model input space; `is_distilled`
-    (None = all False) marks the rows that the "combined" augmentation treats with DSA, the other
-    rows get crop (+ flip, as `real` says)."""
-    _check_training_inputs(images, labels, num_classes, epochs, batch_size, augment,
+                  device: str | torch.device = "cpu", progress: bool = False) -> nn.Module:
+    """Train a fresh network on (images, labels) by ``protocol``; return it in eval mode.
+    Images are in model input space; ``is_distilled`` (None = all False) marks the rows that the
+    "combined" augmentation treats with DSA, the other rows get crop (+ flip, as
+    ``protocol.real`` says)."""
+    p = protocol
+    _check_training_inputs(images, labels, num_classes, p.epochs, p.batch_size, p.augment,
                            is_distilled)
     device = torch.device(device)
-    net = _fresh_network(model, images, num_classes, seed, width=width, depth=depth,
-                         norm=norm).to(device)
+    net = _fresh_network(p.model, images, num_classes, seed, width=p.width, depth=p.depth,
+                         norm=p.norm).to(device)
     net.train()
     x, y = images.detach().to(device), labels.detach().long().to(device)
     n = x.shape[0]
     mask = (torch.zeros(n, dtype=torch.bool) if is_distilled is None
             else is_distilled.detach().bool().cpu())
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum,
-                          weight_decay=weight_decay, nesterov=False)
+    opt = torch.optim.SGD(net.parameters(), lr=p.lr, momentum=p.momentum,
+                          weight_decay=p.weight_decay, nesterov=False)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=epochs * _steps_per_epoch(n, batch_size))
-    aug = build_augment(augment, real=real)
-    bar = tqdm(range(epochs), desc=f"train {model}", disable=not progress, leave=False)
+        opt, T_max=p.epochs * _steps_per_epoch(n, p.batch_size))
+    aug = build_augment(p.augment, real=p.real)
+    bar = tqdm(range(p.epochs), desc=f"train {p.model}", disable=not progress, leave=False)
     for epoch in bar:
         order = torch.randperm(n, generator=EVAL_SHUFFLE.generator(seed, epoch))
         total = 0.0
-        for step, idx in enumerate(_batches(order, batch_size)):
+        for step, idx in enumerate(_batches(order, p.batch_size)):
             gen = EVAL_AUGMENT.generator(seed, epoch, step)
             xb = aug(x[idx.to(device)], gen, dsa_mask=mask[idx])
             loss = F.cross_entropy(net(xb), y[idx.to(device)])
@@ -362,70 +387,39 @@ def _mean_or_none(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def evaluate_images(images: Tensor, labels: Tensor, ds: Dataset, *, model: str, epochs: int,
-                    runs: int, augment: str = "combined", is_distilled: Tensor | None = None,
-                    lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
-                    batch_size: int = 128, seed: int = 0, device: str | torch.device = "cpu",
-                    reference: Reference | None = None, progress: bool = True,
-                    width: int = 128, depth: int | None = None, norm: str = "batch",
-                    real: RealAugment = RealAugment()) -> EvalResult:
-    """Train `runs` fresh networks on the images (run k seeded from (seed, k)) and test each on
-    ds.x_test / ds.y_test. Every run is reported; none is chosen by its test accuracy. (The
-    pipeline evaluates through :func:`evaluate_sets`, which takes these settings from a config.)"""
-    check_int("runs", runs)
-    if reference is not None and tuple(reference.easy.shape) != tuple(ds.y_test.shape):
-        raise ValueError(f"reference.easy has shape {tuple(reference.easy.shape)}, the test set "
-                         f"has {len(ds.y_test)} samples: build the Reference on this dataset")
-    cover = None if reference is None else coverage_of(images, reference)
-    net = dict(width=width, depth=depth, norm=norm)
-    corrects = [run_correct(images, labels, ds, run=run, model=model, epochs=epochs,
-                            augment=augment, is_distilled=is_distilled, lr=lr, momentum=momentum,
-                            weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                            device=device, progress=progress, real=real, **net)
-                for run in tqdm(range(runs), desc="eval runs", disable=not progress)]
-    return summarize(corrects, reference=reference, coverage=cover, epochs=epochs, model=model,
-                     augment=augment, n_images=len(images), real=real, **net)
-
-
 def coverage_of(images: Tensor, reference: Reference) -> float:
     """Coverage of the test set by `images` in the reference's feature space."""
     return coverage(reference.feature_fn(images.detach()), reference.test_features,
                     reference.radius)
 
 
-def run_correct(images: Tensor, labels: Tensor, ds: Dataset, *, run: int, model: str,
-                epochs: int, augment: str = "combined", is_distilled: Tensor | None = None,
-                lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
-                batch_size: int = 128, seed: int = 0, device: str | torch.device = "cpu",
-                progress: bool = False, width: int = 128, depth: int | None = None,
-                norm: str = "batch", real: RealAugment = RealAugment()) -> Tensor:
+def run_correct(images: Tensor, labels: Tensor, ds: Dataset, *, run: int, protocol: Protocol,
+                is_distilled: Tensor | None = None, seed: int = 0,
+                device: str | torch.device = "cpu", progress: bool = False) -> Tensor:
     """Evaluation run `run` alone (seeded from (seed, run)): which test samples (bool, CPU) its
     network gets right. Runs are independent, so they may run anywhere in any order
     (launch/evaluate.py spreads them over Ray workers) and :func:`summarize` combines them."""
-    net = train_network(images, labels, num_classes=ds.num_classes, model=model, epochs=epochs,
-                        lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        batch_size=batch_size, augment=augment, is_distilled=is_distilled,
+    net = train_network(images, labels, num_classes=ds.num_classes, protocol=protocol,
+                        is_distilled=is_distilled,
                         seed=derived_seed(EVAL_RUN.generator(seed, run)), device=device,
-                        progress=progress, width=width, depth=depth, norm=norm, real=real)
+                        progress=progress)
     return _predict(net, ds.x_test) == ds.y_test.cpu()
 
 
 def summarize(corrects: list[Tensor], *, reference: Reference | None, coverage: float | None,
-              epochs: int, model: str, augment: str, n_images: int, width: int | None = None,
-              depth: int | None = None, norm: str | None = None,
-              real: RealAugment | None = None, crop_fill: str | None = None) -> EvalResult:
+              protocol: Protocol, n_images: int, crop_fill: str | None = None) -> EvalResult:
     """An EvalResult from the per-run correctness vectors of :func:`run_correct`, in run order."""
+    p = protocol
     accuracies = [float(c.float().mean()) for c in corrects]
     splits = [s for s in (_split_accuracy(c, reference) for c in corrects) if s is not None]
-    has_real = augment in REAL_PARTS
+    real = has_real_part(p.augment)
     return EvalResult(accuracies=accuracies, mean=statistics.fmean(accuracies),
                       std=statistics.pstdev(accuracies),
                       easy_acc=_mean_or_none([e for e, _ in splits]),
                       hard_acc=_mean_or_none([h for _, h in splits]), coverage=coverage,
-                      epochs=epochs, runs=len(corrects), model=model, augment=augment,
-                      n_images=n_images, width=width, depth=depth, norm=norm,
-                      flip=(real or RealAugment()).flip if has_real else None,
-                      crop_fill=crop_fill if has_real else None)
+                      epochs=p.epochs, runs=len(corrects), model=p.model, augment=p.augment,
+                      n_images=n_images, width=p.width, depth=p.depth, norm=p.norm,
+                      flip=p.real.flip if real else None, crop_fill=crop_fill if real else None)
 
 
 def config_epochs(eval_cfg, n_images: int, n_train: int) -> int:
@@ -457,18 +451,14 @@ Job = tuple[str, int, int]  # (set name, run index, epochs)
 
 def run_set(cfg, ds: Dataset, images: ImageSet, run: int, epochs: int,
             device: str | torch.device = "cpu") -> Tensor:
-    """One evaluation run of an image set with the settings of run config ``cfg`` (network,
-    optimiser, augmentation and its crop + flip, ``eval.num_cpus`` threads): the test samples
-    of ``ds`` it gets right. The unit that every evaluation executes, in-process or on a Ray
-    worker (launch/evaluate.py)."""
-    ev = cfg.eval
-    with cpu_threads(max(1, int(ev.num_cpus))):
-        return run_correct(images.images, images.labels, ds, run=run, model=ev.model,
-                           epochs=epochs, augment=images.augment,
-                           is_distilled=images.is_distilled, lr=ev.lr, momentum=ev.momentum,
-                           weight_decay=ev.weight_decay, batch_size=ev.batch_size,
-                           seed=cfg.seed if images.seed is None else images.seed, device=device,
-                           real=real_augment(cfg, ds.info), **eval_network(cfg))
+    """One evaluation run of an image set with the settings of run config ``cfg`` (its
+    :class:`Protocol`, ``eval.num_cpus`` threads): the test samples of ``ds`` it gets right. The
+    unit that every evaluation executes, in-process or on a Ray worker (launch/evaluate.py)."""
+    protocol = Protocol.of(cfg, ds.info, epochs=epochs, augment=images.augment)
+    with cpu_threads(max(1, int(cfg.eval.num_cpus))):
+        return run_correct(images.images, images.labels, ds, run=run, protocol=protocol,
+                           is_distilled=images.is_distilled,
+                           seed=cfg.seed if images.seed is None else images.seed, device=device)
 
 
 def run_jobs(cfg, ds: Dataset, sets: dict[str, ImageSet], jobs: list[Job], *,
@@ -501,8 +491,23 @@ def evaluate_sets(cfg, ds: Dataset, sets: dict[str, ImageSet], *,
     for m, s in sets.items():
         cover = None if reference is None else coverage_of(s.images, reference)
         out[m] = summarize([done[m, k] for k in range(cfg.eval.runs)], reference=reference,
-                           coverage=cover, epochs=epochs[m], model=cfg.eval.model,
-                           augment=s.augment, n_images=len(s.images),
-                           real=real_augment(cfg, ds.info), crop_fill=crop_fill_for(cfg),
-                           **eval_network(cfg))
+                           coverage=cover, n_images=len(s.images),
+                           protocol=Protocol.of(cfg, ds.info, epochs=epochs[m],
+                                                augment=s.augment),
+                           crop_fill=cfg.eval.crop_fill)
     return out
+
+
+def evaluate_images(cfg, ds: Dataset, images: Tensor, labels: Tensor, *,
+                    is_distilled: Tensor | None = None, augment: str = "combined",
+                    reference: Reference | None = None, seed: int | None = None,
+                    device: str | torch.device = "cpu", progress: bool = True) -> EvalResult:
+    """``cfg.eval.runs`` networks trained on (images, labels) by ``cfg``'s protocol and tested
+    on ``ds``'s test split: the report's evaluation of one set (:func:`evaluate_sets`), for
+    images from anywhere. ``augment``: the row's augmentation (distill.methods.augment_for)."""
+    if reference is not None and tuple(reference.easy.shape) != tuple(ds.y_test.shape):
+        raise ValueError(f"reference.easy has shape {tuple(reference.easy.shape)}, the test set "
+                         f"has {len(ds.y_test)} samples: build the Reference on this dataset")
+    sets = {"images": ImageSet(images, labels, is_distilled, augment=augment, seed=seed)}
+    return evaluate_sets(cfg, ds, sets, reference=reference, device=device,
+                         progress=progress)["images"]

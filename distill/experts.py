@@ -56,8 +56,7 @@ class ExpertResult:
             "el2n": self.el2n,
             "test_acc": self.test_acc,
             "train_loss": self.train_loss,
-            "seconds": self.seconds,
-        }
+        }  # not the training time (the manifest has it): same expert, same bytes, same sha256
 
     @classmethod
     def from_state(cls, state: dict) -> ExpertResult:

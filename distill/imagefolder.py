@@ -15,11 +15,20 @@ Options (``data.options``):
     val_fraction  share of each class held out when there is no root/val (default 0.2)
     split_seed    seed of that split (default 0)
     mean, std     per-channel normalisation of [0, 1] pixels; None = computed on the train split
+    max_pixels    largest width x height an image file may declare (default 25,000,000: above a
+                  4K photo's 8.3 million, far below a decompression bomb's billions)
+
+Each file's header is read before its pixels: an image that declares more than ``max_pixels``
+is refused without being decoded (a 140 KB PNG can declare 12000x12000 pixels, 2 GB once
+decoded), naming the file and its size. PIL itself refuses any image above twice its
+``Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels by default), whatever ``max_pixels`` says; that
+refusal names the file too.
 
 A malformed tree raises with the path: no train folder, a class folder without images, an image
-that cannot be decoded, sizes that differ (or a non-square image) without ``image_size``, a val
-class unknown to train. Roots are local paths or fsspec URLs; decoded folders are cached in the
-process, so validating a config and loading it read the files once.
+that cannot be decoded or is larger than ``max_pixels``, sizes that differ (or a non-square image)
+without ``image_size``, a val class unknown to train. Roots are local paths or fsspec URLs;
+decoded folders are cached in the process, so validating a config and loading it read the files
+once.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import reprlib
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,7 +51,9 @@ log = logging.getLogger(__name__)
 
 NAME = "imagefolder"
 OPTION_DEFAULTS = {"image_size": None, "channels": 3, "val_fraction": 0.2, "split_seed": 0,
-                   "mean": None, "std": None}
+                   "mean": None, "std": None, "max_pixels": 25_000_000}
+
+
 class MalformedFolderError(ValueError):
     """The folder exists but is not a usable dataset; the message names the path."""
 
@@ -49,20 +62,33 @@ HOW = ("set data.root to a folder holding train/<class>/ image files (and option
        "val/<class>/); see distill/imagefolder.py")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 8
+_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    """repr() of an option cut to a few dozen characters (a value in a message may be large)."""
+    return _REPR.repr(value)
+
+
 def check_options(opts: Options) -> None:
     """Raise one ValueError listing every bad option (name, value, what is allowed)."""
     problems = []
     size, channels = opts["image_size"], opts["channels"]
     if size is not None and int_problem("image_size", size):
-        problems.append(f"image_size must be null or an integer >= 1, got {size!r}")
+        problems.append(f"image_size must be null or an integer >= 1, got {_short(size)}")
     if channels not in (1, 3) or isinstance(channels, bool):
-        problems.append(f"channels must be 1 or 3, got {channels!r}")
+        problems.append(f"channels must be 1 or 3, got {_short(channels)}")
     frac = opts["val_fraction"]
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
-        problems.append(f"val_fraction must be in (0, 1), got {frac!r}")
+        problems.append(f"val_fraction must be in (0, 1), got {_short(frac)}")
     seed = opts["split_seed"]
     if problem := int_problem("split_seed", seed, 0):
         problems.append(problem)
+    if problem := int_problem("max_pixels", opts["max_pixels"]):
+        problems.append(f"{problem} (the largest width x height an image may declare)")
     given = [k for k in ("mean", "std") if opts[k] is not None]
     if len(given) == 1:
         problems.append("mean and std must be given together (or both null: computed)")
@@ -71,9 +97,11 @@ def check_options(opts: Options) -> None:
         ok = (isinstance(v, (list, tuple)) and len(v) == channels
               and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
         if not ok:
-            problems.append(f"{key} must be a list of {channels} numbers, got {v!r}")
+            what = (f"a list of {channels} numbers" if channels in (1, 3)
+                    else "a list of numbers, one per channel")
+            problems.append(f"{key} must be {what}, got {_short(v)}")
         elif key == "std" and min(v) <= 0:
-            problems.append(f"std values must be > 0, got {v!r}")
+            problems.append(f"std values must be > 0, got {_short(v)}")
     if problems:
         raise ValueError(f"{NAME}: " + "; ".join(problems))
 
@@ -122,13 +150,32 @@ def _listing(root: str) -> tuple[tuple[str, tuple[str, ...]], tuple[str, tuple[s
 # Decoding
 
 
-def _decode(fs: Any, path: str, url: str, mode: str, size: int | None) -> np.ndarray:
+def _decode(fs: Any, path: str, url: str, mode: str, size: int | None,
+            max_pixels: int) -> np.ndarray:
+    """One image as uint8 [C, H, W]; its header's size is checked before its pixels are read."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with fs.open(path, "rb") as f:
-            img = Image.open(f)
+            img = Image.open(f)  # reads the header only
+            width, height = img.size
+            if width * height > max_pixels:
+                raise MalformedFolderError(
+                    f"{NAME}: {url} is {width}x{height} = {width * height:,} pixels, more than "
+                    f"data.options.max_pixels = {max_pixels:,}; refused before decoding (its "
+                    f"pixels would take at least {width * height * 3 / 2**30:.1f} GiB). Shrink "
+                    f"or remove the file, or raise data.options.max_pixels if it is a genuine "
+                    f"image")
             img.load()
+    except MalformedFolderError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        limit = Image.MAX_IMAGE_PIXELS
+        raise MalformedFolderError(
+            f"{NAME}: {url} refused before decoding by PIL as a possible decompression bomb "
+            f"({err}); PIL refuses any image above "
+            f"{f'{2 * limit:,}' if limit else 'its'} pixels whatever data.options.max_pixels "
+            f"says: shrink or remove the file") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise MalformedFolderError(f"{NAME}: cannot decode image {url} ({err})") from err
     img = img.convert(mode)
@@ -144,15 +191,23 @@ def _url(root: str, base: str, path: str) -> str:
 
 
 def _decode_split(fs: Any, root: str, base: str, paths: list[str], mode: str,
-                  size: int | None, what: str) -> np.ndarray:
+                  size: int | None, max_pixels: int, what: str) -> np.ndarray:
+    from PIL import Image
     from tqdm import tqdm
 
     arrays: list[np.ndarray | None] = [None] * len(paths)
 
     def one(i: int) -> None:
-        arrays[i] = _decode(fs, paths[i], _url(root, base, paths[i]), mode, size)
+        arrays[i] = _decode(fs, paths[i], _url(root, base, paths[i]), mode, size, max_pixels)
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 1)) as pool:
+        # PIL warns (DecompressionBombWarning) when Image.open sees more than MAX_IMAGE_PIXELS;
+        # when max_pixels is the lower bound, _decode refuses such an image itself, naming the
+        # file and the option, so PIL's anonymous warning is silenced. Set here, in this thread,
+        # around the workers: warning filters are process-wide, not per thread.
+        if Image.MAX_IMAGE_PIXELS and max_pixels <= Image.MAX_IMAGE_PIXELS:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         for _ in tqdm(pool.map(one, range(len(paths))), total=len(paths),
                       desc=f"{NAME} {what}", disable=len(paths) < 2000):
             pass
@@ -188,21 +243,21 @@ def _split(y: np.ndarray, fraction: float, seed: int, root: str,
 
 @functools.lru_cache(maxsize=4)
 def _read_cached(root: str, listing: tuple, mode: str, size: int | None, fraction: float,
-                 seed: int) -> _Raw:
+                 seed: int, max_pixels: int) -> _Raw:
     train, val = listing
     fs, base = fsspec.core.url_to_fs(root)
     names = [c for c, _ in train]
     paths = [p for _, files in train for p in files]
     y = np.concatenate([np.full(len(files), k, dtype=np.int64)
                         for k, (_, files) in enumerate(train)])
-    x = _decode_split(fs, root, base, paths, mode, size, "train")
+    x = _decode_split(fs, root, base, paths, mode, size, max_pixels, "train")
     if val is None:
         tr, te = _split(y, fraction, seed, root, names)
         return _Raw(x[tr], y[tr], x[te], y[te], tuple(names), 255.0)
     index = {c: k for k, c in enumerate(names)}
     vpaths = [p for _, files in val for p in files]
     vy = np.concatenate([np.full(len(files), index[c], dtype=np.int64) for c, files in val])
-    vx = _decode_split(fs, root, base, vpaths, mode, size, "val")
+    vx = _decode_split(fs, root, base, vpaths, mode, size, max_pixels, "val")
     if vx.shape[1:] != x.shape[1:]:
         raise MalformedFolderError(f"{NAME}: val images are {vx.shape[3]}x{vx.shape[2]} but train images "
                          f"are {x.shape[3]}x{x.shape[2]}; set data.options.image_size")
@@ -214,7 +269,8 @@ def read(root: str, opts: Options) -> _Raw:
     check_options(opts)
     mode = "RGB" if opts["channels"] == 3 else "L"
     return _read_cached(root, _listing(root), mode, opts["image_size"],
-                        float(opts["val_fraction"]), int(opts["split_seed"]))
+                        float(opts["val_fraction"]), int(opts["split_seed"]),
+                        int(opts["max_pixels"]))
 
 
 def pixel_stats(x: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -35,6 +35,7 @@ from typing import Protocol
 import torch
 
 from distill.augment import DSA, DSAParams
+from distill.checks import check_team
 from distill.rng import MATCH_AUGMENT, MATCH_PLAN
 from distill.runtime import SOLO, Team
 from distill.student import Student
@@ -62,8 +63,7 @@ class LocalCollectives:
         return tensor
 
     def team(self, size: int) -> Team:
-        if size != 1:
-            raise ValueError(f"distill.group_ranks ({size}) must divide the number of ranks (1)")
+        check_team(size, ranks=1)
         return SOLO
 
 
@@ -202,13 +202,7 @@ def rank_share(plan: MatchPlan, rank: int, world_size: int, team_size: int = 1,
     """This rank's share of every step: teams of ``team_size`` consecutive ranks divide the BN
     groups among themselves (:func:`rank_groups`), and the members of a team divide every group
     of their team into equal consecutive slices."""
-    if world_size % team_size:
-        raise ValueError(f"distill.group_ranks ({team_size}) must divide the number of ranks "
-                         f"({world_size})")
-    if plan.group % team_size:
-        raise ValueError(f"distill.group_ranks ({team_size}) must divide the BN group size "
-                         f"distill.bn_group ({plan.group}): every rank of a team holds an equal "
-                         f"share of each group")
+    check_team(team_size, group=plan.group, ranks=world_size)
     groups = rank_groups(plan.num_groups, rank // team_size, world_size // team_size)
     if team_size == 1:
         return Share(groups.start * plan.group, groups.stop * plan.group, None, plan.group)

@@ -15,13 +15,18 @@ Table 3's ablation (CIFAR-100, IPC 100) is four rows built from the same experts
 | ``selmatch_dsa`` | ✓ | ✓ | |
 | ``selmatch`` | ✓ | ✓ | ✓ |
 
-plus ``init``: SelMatch's starting set alone (the window at the configured β, α = 0: nothing
-distilled; the same images as ``synset/selmatch_init.pt``), which says what distillation added.
-``selmatch_dsa`` evaluates the same set as ``selmatch``; only the augmentation differs.
+plus ``init``: SelMatch's start alone (α = 0: nothing distilled; the same images as
+``synset/selmatch_init.pt``), which says what distillation added, and the random start's twins:
+``random_partial`` / ``random_partial_dsa`` (the random subset + the partial update: its harder
+part real, its easier part distilled), whose α = 1 twin is MTT and whose α = 0 twin is
+``random``. With both, the update's gain is measured on both starts. ``selmatch_dsa`` evaluates
+the same set as ``selmatch``; only the augmentation differs.
 
-A row's set is made by a selection (cheap, deterministic given the scores and the seed) or by a
-distillation (:func:`distill_config` gives its config); ``eval.methods`` names the rows to compute,
-and the sets no chosen row needs are never made.
+SelMatch's start is the config's (``select.init``, ``select.beta``: the window search's choice
+unless pinned, distill/selection.py ``resolve_start``); rows that fix their start or their
+update say so in :data:`FIXED`. A row's set is made by a selection (cheap, deterministic given
+the scores and the seed) or by a distillation (:func:`distill_config` gives its config);
+``eval.methods`` names the rows to compute, and the sets no chosen row needs are never made.
 """
 
 from __future__ import annotations
@@ -51,15 +56,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("random", "Random selection", "random", "dsa", "selection", init="random"),
     Method("topk", "Top-k hardest ({score})", "topk", "dsa", "selection", init="topk"),
     Method("window", "Best window (validation β)", "window", "dsa", "selection", init="window"),
-    Method("init", "SelMatch init alone (window at β, α = 0)", "init", "dsa", "selection",
-           init="window"),
+    Method("init", "SelMatch's start alone (α = 0)", "init", "dsa", "selection", init="start"),
     Method("mtt", "MTT (random init, full update)", "mtt", "dsa", "distill", (False, False, False)),
-    Method("init_full", "Select init + full update (α = 1)", "init_full", "dsa", "distill",
+    Method("init_full", "SelMatch's start + full update (α = 1)", "init_full", "dsa", "distill",
            (True, False, False)),
-    Method("selmatch_dsa", "Select init + partial update (DSA eval)", "selmatch", "dsa", "distill",
-           (True, True, False)),
+    Method("selmatch_dsa", "SelMatch's start + partial update (DSA eval)", "selmatch", "dsa",
+           "distill", (True, True, False)),
     Method("selmatch", "SelMatch (combined augmentation)", "selmatch", "combined", "distill",
            (True, True, True)),
+    Method("random_partial", "Random start + partial update (combined augmentation)",
+           "random_partial", "combined", "distill"),
+    Method("random_partial_dsa", "Random start + partial update (DSA eval)", "random_partial",
+           "dsa", "distill"),
     Method("merge", "Merge (ablation: D_distill matched alone)", "merge", "combined", "distill"),
 )}
 
@@ -67,19 +75,24 @@ SYNSETS = tuple(dict.fromkeys(m.synset for m in METHODS.values()))
 """Every synthetic set a row evaluates (``synset/<name>.pt``; a distillation's starting point is
 ``<name>_init``)."""
 
-# how the config of each distilled set differs from the run's: (select fields, distill fields)
-_DISTILLED: dict[str, tuple[dict, dict]] = {
-    "selmatch": (dict(init="window"), dict(mode="joint")),
-    "mtt": (dict(init="random", beta=0.0), dict(alpha=1.0, mode="joint")),
-    "init_full": (dict(init="window"), dict(alpha=1.0, mode="joint")),
-    "merge": (dict(init="window"), dict(mode="merge")),
+FIXED: dict[str, dict[str, object]] = {
+    "selmatch": {"distill.mode": "joint"},
+    "mtt": {"select.init": "random", "select.beta": None, "distill.alpha": 1.0,
+            "distill.mode": "joint"},
+    "init_full": {"distill.alpha": 1.0, "distill.mode": "joint"},
+    "random_partial": {"select.init": "random", "select.beta": None, "distill.mode": "joint"},
+    "merge": {"distill.mode": "merge"},
 }
-DISTILLED = tuple(_DISTILLED)
+"""What each distilled set fixes of the run's config (dotted field → value); everything else is
+the run's. A fixed field is not part of what the set is made of: changing it in the config
+leaves the set as it is."""
+DISTILLED = tuple(FIXED)
 """The sets made by distillation (the others are selections)."""
 
-PAPER_METHODS = ("random", "topk", "window", "init", "mtt", "init_full", "selmatch_dsa", "selmatch")
+PAPER_METHODS = ("random", "topk", "window", "init", "mtt", "init_full", "selmatch_dsa",
+                 "selmatch", "random_partial")
 """What ``selmatch run`` computes by default: Table 1's selection baselines and MTT, Table 3's
-ablation rows, the init alone, SelMatch."""
+ablation rows, SelMatch's start alone, SelMatch, and the random start + partial update."""
 
 
 def chosen(cfg: RunConfig) -> list[str]:
@@ -101,10 +114,6 @@ def flip_for(cfg: RunConfig) -> bool:
     """Whether the crop + flip of real rows flips: ``eval.flip``, else the dataset's default
     (flip-invariant data only: distill/data.py)."""
     return cfg.eval.flip if cfg.eval.flip is not None else flip_invariant(cfg.data.name)
-
-
-def crop_fill_for(cfg: RunConfig) -> str:
-    return cfg.eval.crop_fill
 
 
 def real_augment(cfg: RunConfig, info) -> RealAugment:
@@ -137,16 +146,32 @@ def synsets_needed(cfg: RunConfig) -> list[str]:
     return out
 
 
-def distill_config(cfg: RunConfig, synset: str) -> RunConfig:
-    """The config that distils ``synset`` (selmatch, mtt, init_full or merge) from ``cfg``.
+def method_name(cfg: RunConfig) -> str:
+    """The distilled set a config describes (``selmatch distill`` makes it): merge in merge
+    mode; from a random start, mtt at α = 1 and random_partial below; else selmatch."""
+    if cfg.distill.mode == "merge":
+        return "merge"
+    if cfg.select.init == "random":
+        return "mtt" if cfg.distill.alpha >= 1 else "random_partial"
+    return "selmatch"
 
-    MTT is random init + α = 1 (β does not matter: set to 0 so that changing β leaves MTT fresh);
-    init_full is the window at the configured β + α = 1; merge is SelMatch matched on D_distill
-    alone; selmatch is the config itself with a window init and the joint loss."""
-    sel, dis = cfg.select, cfg.distill
-    if synset not in _DISTILLED:
+
+def distill_config(cfg: RunConfig, synset: str) -> RunConfig:
+    """The config that distils ``synset`` (one of :data:`DISTILLED`) from ``cfg``: the run's,
+    with the fields the set fixes (:data:`FIXED`) set. MTT is random init + α = 1; init_full is
+    SelMatch's start + α = 1; random_partial the random start at the run's α; merge is SelMatch
+    matched on D_distill alone; selmatch is the config itself with the joint loss."""
+    if synset not in FIXED:
         raise ValueError(f"{synset!r} is not made by distillation; distilled sets: "
                          f"{', '.join(DISTILLED)}")
-    s, d = _DISTILLED[synset]
-    return dataclasses.replace(cfg, select=dataclasses.replace(sel, **s),
-                               distill=dataclasses.replace(dis, **d))
+    return with_fields(cfg, FIXED[synset])
+
+
+def with_fields(cfg: RunConfig, values: dict[str, object]) -> RunConfig:
+    """``cfg`` with dotted fields (``section.field``) replaced."""
+    sections: dict[str, dict] = {}
+    for dotted, value in values.items():
+        section, name = dotted.split(".")
+        sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **v)
+                                       for s, v in sections.items()})

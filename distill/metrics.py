@@ -73,7 +73,7 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
         self.url = url
-        local = _local_path(url)
+        local = storage.local_path(url)
         self._tmp = None if local is not None else tempfile.mkdtemp(prefix="selmatch-tb-")
         self.logdir = local if local is not None else self._tmp
         self._writer_class = SummaryWriter
@@ -117,12 +117,6 @@ class TensorBoardSink:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-
-def _local_path(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    return None if "://" in url else url
 
 
 def tensorboard_dir(cfg, name: str, source=None) -> str:

@@ -16,12 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamLayout", "count_parameters", "functional_forward"]
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of scalars in the model's parameters (buffers excluded), i.e. ParamLayout.numel."""
-    return sum(p.numel() for p in model.parameters())
+__all__ = ["ParamLayout", "functional_forward", "step_loss"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +117,12 @@ def functional_forward(
         params = (ParamLayout.of(model) if layout is None else layout).unflatten(params)
     bufs = dict(model.named_buffers()) if buffers is None else dict(buffers)
     return torch.func.functional_call(model, (dict(params), bufs), (x,), strict=True)
+
+
+def step_loss(logits: torch.Tensor, labels: torch.Tensor, batch: int) -> torch.Tensor:
+    """The student's loss on one BN group: cross-entropy summed over the group's rows and
+    divided by the step's |b| (``batch``), so that the groups' losses (and gradients) add up to
+    the step's mean over all |b| rows, however the step is cut into groups and ranks. The one
+    definition the eager, compiled and team steps and the FLOP count use."""
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / batch
+

@@ -89,6 +89,8 @@ def pool(records: list[dict]) -> dict:
         "n_images": first["n_images"], "n_distilled": first.get("n_distilled", 0),
         "synset": first.get("synset"), "score": first.get("score"),
         "iterations": first.get("iterations"), "per_seed": records,
+        "start": first.get("start"), "alpha": first.get("alpha"),
+        "alpha_source": first.get("alpha_source"),
     }
 
 
@@ -125,14 +127,33 @@ def augment_label(row: dict) -> str:
     return f"{aug} (real rows: {part}{fill})"
 
 
+def start_label(row: dict) -> str:
+    """The row's start and where it came from: ``window β = 0.4 (window search)``."""
+    start = row.get("start")
+    if not start:
+        return "–"
+    what = f"window β = {start['beta']:g}" if start["init"] == "window" else start["init"]
+    return f"{what} ({start.get('source', '?')})"
+
+
+def alpha_label(row: dict) -> str:
+    alpha = row.get("alpha")
+    if alpha is None:
+        return "–"
+    source = row.get("alpha_source")
+    return f"{alpha:g}" + (f" ({source})" if source and alpha not in (0.0,) else "")
+
+
 def _results_table(methods: dict) -> list[str]:
-    lines = ["| method | images | distilled | eval augmentation | test acc (%) | seeds × runs "
-             "| easy half (%) | hard half (%) | coverage (%) | epochs |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | start (from) | α (from) | images | distilled | eval augmentation | "
+             "test acc (%) | seeds × runs | easy half (%) | hard half (%) | coverage (%) | "
+             "epochs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in methods.values():
         acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
         lines.append(
-            f"| {r['label']} | {r['n_images']} | {r['n_distilled']} | {augment_label(r)} | {acc} "
+            f"| {r['label']} | {start_label(r)} | {alpha_label(r)} | {r['n_images']} | "
+            f"{r['n_distilled']} | {augment_label(r)} | {acc} "
             f"| {len(r['seeds'])} × {r['runs_per_seed']} | {_pct(r['easy_acc'])} "
             f"| {_pct(r['hard_acc'])} | {_pct(r['coverage'])} | {r['epochs']} |")
     return lines
@@ -247,12 +268,21 @@ def _window_lines(cfg: RunConfig, window: dict) -> list[str]:
                      f"(best window − {name}: {100 * ref['best_minus_this']:.1f} ± "
                      f"{100 * ref['se']:.1f} points).")
     lines += [f"**WARNING: {w}**" for w in decision.get("warnings", [])]
-    if abs(window["best_beta"] - cfg.select.beta) > 1e-9:
-        lines.append(f"SelMatch's rows run at the configured select.beta = {cfg.select.beta:g}, "
-                     f"not at the window search's β = {window['best_beta']:g} (`selmatch tune` "
-                     f"searches β and α for SelMatch; apply its choice with --select.beta B "
-                     f"--distill.alpha A).")
+    start = window.get("start")
+    if start:
+        lines.append(f"SelMatch's start, if the search decides it (select.init auto, "
+                     f"select.beta null): the {'window' if start['init'] == 'window' else 'random subset'}"
+                     f": {start['why']}. This run's start: {cfg_start_text(cfg, window)}.")
     return lines + [""]
+
+
+def cfg_start_text(cfg: RunConfig, window: dict) -> str:
+    """The start ``cfg`` asks for, resolved with the search's decision."""
+    from distill.selection import resolve_start
+
+    start = resolve_start(cfg.select.init, cfg.select.beta, window,
+                          source="tune" if cfg.tuned else "config")
+    return start.describe()
 
 
 def eval_metric_records(data: dict) -> list[dict]:
@@ -282,12 +312,12 @@ def write_eval_metrics(cfg: RunConfig) -> None:
 
 
 def write_report(cfg: RunConfig, *, title: str, config_text: str, notes: list[str] | None = None,
-                 command: str | None = None) -> str:
-    """Write ``report.md``, ``results.json`` and ``report_beta.png``; returns the report URL."""
+                 command: str | None = None, stamp: dict | None = None) -> str:
+    """Write ``report.md``, ``results.json`` (with ``stamp``: what made it) and
+    ``report_beta.png``; returns the report URL."""
     run_dir = cfg.run_dir
     data = collect(cfg)
     data["conclusion"] = conclusion(data["methods"])
-    storage.write_json(storage.join(run_dir, "results.json"), data)
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Produced by `{command}`.", ""]
@@ -325,4 +355,6 @@ def write_report(cfg: RunConfig, *, title: str, config_text: str, notes: list[st
     lines += ["## Configuration", "", "```yaml", config_text.rstrip(), "```", ""]
     url = storage.join(run_dir, "report.md")
     storage.write_text(url, "\n".join(lines))
+    # last: its stamp says the report is complete (a crash before leaves it stale)
+    integrity.write_json(storage.join(run_dir, "results.json"), {**data, **(stamp or {})})
     return url

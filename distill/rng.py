@@ -90,6 +90,9 @@ def check_streams(streams: tuple[Stream, ...] = STREAMS) -> None:
         raise ValueError(f"random streams collide: {sorted(keys)} / {sorted(names)}")
 
 
+check_streams()  # at import: a new stream that collides with another fails every command
+
+
 def derived_seed(gen: torch.Generator) -> int:
     """An integer seed drawn from ``gen`` (for ``torch.manual_seed`` before building a network)."""
     return int(torch.randint(0, 2**62, (1,), generator=gen))

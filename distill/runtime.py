@@ -27,6 +27,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from distill.checks import check_team
+
 log = logging.getLogger(__name__)
 
 # launchers' world-size variables: torchrun/accelerate, then MPI flavours (Accelerate's MULTI_CPU)
@@ -196,9 +198,7 @@ class Runtime:
         """
         if size == 1:
             return SOLO
-        if self.world_size % size:
-            raise ValueError(f"distill.group_ranks ({size}) must divide the number of ranks "
-                             f"({self.world_size}): each BN group is spread over that many ranks")
+        check_team(size, ranks=self.world_size)
         teams = getattr(self, "_teams", {})
         if size not in teams:
             mine = None

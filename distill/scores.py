@@ -213,15 +213,13 @@ def scores_digest(run_dir: str, kind: str) -> str:
     return storage.sha256(npy_url)[:16]
 
 
-def compute_scores(cfg: RunConfig, ds: Dataset, experts: Sequence[ExpertResult] | None = None) -> Scores:
-    """Scores for ``cfg.scores``: imported from ``scores.file`` or computed from the experts."""
+def compute_scores(cfg: RunConfig, ds: Dataset,
+                   experts: Sequence[ExpertResult] | None = None) -> Scores:
+    """Scores for ``cfg.scores``: imported from ``scores.file``, or computed from ``experts``
+    (the caller loads and verifies them: distill.trajectories.ExpertStore.load_all)."""
     if cfg.scores.file:
         return import_scores(cfg.scores.file, cfg.scores.kind, ds, key=cfg.scores.key)
-    if experts is None:
-        from distill.trajectories import ExpertStore
-
-        experts = ExpertStore(cfg).load_all()
-    scores = from_experts(cfg.scores.kind, experts)
+    scores = from_experts(cfg.scores.kind, experts or [])
     if len(scores.values) != len(ds.y_train):
         raise ValueError(f"experts have {len(scores.values)} samples, the dataset {len(ds.y_train)}")
     return scores

@@ -14,7 +14,7 @@ Decisions:
 
 * **One validation split, held out before any search.** ``tune.val_fraction`` of each class's
   training samples, drawn at random from (run seed, class), leave the selection pool before any
-  candidate is made. Every candidate (each window β, the random and top-k reference points of
+  candidate is made. Every candidate (each window β, the random reference point of
   the window search, each β and α trial of ``selmatch tune``) selects its images from the pool
   and is scored on all of the validation images: the same images for every candidate, none of
   them a training image of any candidate. A random split, not "the last 10%", because dataset
@@ -36,6 +36,11 @@ Decisions:
   its points apart does not move the choice away from where it started. A tie, or a best point
   within noise of always guessing one class, is a warning in the log, in ``tune/selected.yaml``
   and in the report.
+* **The random subset is a candidate start.** The window search (and ``selmatch tune``) also
+  scores the random subset of the pool, like a β point; SelMatch starts from the chosen window
+  only when it leads that subset beyond the noise (:func:`decide_start`), else from the random
+  subset (same class balance, harder part real and easier part distilled as for a window).
+  ``select.init`` / ``select.beta`` pin either start.
 * **What is not held out.** The experts, and so the difficulty scores and the trajectories that
   α trials match, were trained on all training samples, validation part included. Retraining
   experts per split would cost more than the whole search; the leak is indirect (no validation
@@ -52,6 +57,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from distill.augment import has_real_part
 from distill.config import RunConfig
 from distill.data import Dataset
 from distill.evaluate import ImageSet, config_epochs, run_jobs
@@ -217,10 +223,18 @@ def difference(a: Point, b: Point) -> tuple[float, float]:
     return float(per_image.mean()), math.sqrt(var)
 
 
-def at_chance(point: Point, chance: float) -> bool:
-    """The point's accuracy is within :data:`Z` binomial standard errors of ``chance``."""
-    n = point.correct.numel()
-    return point.acc <= chance + Z * math.sqrt(chance * (1 - chance) / max(1, n))
+CHANCE_MARGIN = 0.1
+"""Share of the way from chance to 100% within which a network counts as having learned next to
+nothing, however many samples measured it."""
+
+
+def at_chance(acc: float, chance: float, n: int | None = None) -> bool:
+    """Whether accuracy ``acc`` (over ``n`` samples; None: unknown) is no better than always
+    guessing the largest class (accuracy ``chance``): within :data:`Z` binomial standard errors
+    of it, or within :data:`CHANCE_MARGIN` of the way from it to 100%. The one rule for a search
+    point and for an expert."""
+    noise = Z * math.sqrt(chance * (1 - chance) / n) if n else 0.0
+    return acc <= chance + max(noise, CHANCE_MARGIN * (1 - chance))
 
 
 @dataclass
@@ -252,7 +266,7 @@ def decide(points: dict[float, Point | None], *, start: float, chance: float,
     tied = sorted([best] + [v for v, (d, se) in leads.items() if d <= Z * se])
     value = min(tied, key=lambda v: (abs(v - start), v))
     warnings = []
-    if at_chance(ok[best], chance):
+    if at_chance(ok[best].acc, chance, ok[best].correct.numel()):
         warnings.append(
             f"{kind} search at chance: the best validation accuracy {100 * ok[best].acc:.1f}% is "
             f"within noise of always guessing one class ({100 * chance:.1f}%): its networks "
@@ -286,8 +300,8 @@ class SearchContext:
     """What every candidate of one run's searches shares: config, data, scores, the split."""
 
     def __init__(self, cfg: RunConfig, ds: Dataset, scores: Scores, *,
-                 topk_scores: Scores | None = None, device: str | None = None):
-        self.cfg, self.ds, self.scores, self.topk_scores = cfg, ds, scores, topk_scores
+                 device: str | None = None):
+        self.cfg, self.ds, self.scores = cfg, ds, scores
         self._device = device
         labels = ds.y_train.numpy()
         self.labels = labels
@@ -317,11 +331,9 @@ class SearchContext:
                 if feasible_beta(b, ipc=self.cfg.select.ipc, pool_sizes=self.pool_sizes,
                                  min_class_size=smallest)]
 
-    def selection(self, beta: float, alpha: float, init: str = "window") -> Selection:
+    def selection(self, beta: float | None, alpha: float, init: str = "window") -> Selection:
         """A selection made inside the pool (indices refer to the whole training set)."""
-        scores = self.topk_scores if init == "topk" and self.topk_scores is not None \
-            else self.scores
-        return make_selection(init, scores=scores, labels=self.labels,
+        return make_selection(init, scores=self.scores, labels=self.labels,
                               num_classes=self.ds.num_classes, ipc=self.cfg.select.ipc,
                               beta=beta, alpha=alpha, seed=self.cfg.seed, pool=self.pool)
 
@@ -339,7 +351,7 @@ class SearchContext:
         done = run_jobs(cfg, self.val_ds, sets, jobs, device=self.device)
         point = Point(torch.stack([done["candidate", k] for k in range(cfg.tune.eval_runs)]))
         return {**point.record(), "epochs": epochs, "n_images": len(images),
-                "augment": augment, "flip": flip_for(cfg) if augment != "dsa" else None}
+                "augment": augment, "flip": flip_for(cfg) if has_real_part(augment) else None}
 
     def _score_selection(self, sel: Selection, kind: str) -> dict:
         x = self.ds.x_train[sel.source_index]
@@ -350,18 +362,32 @@ class SearchContext:
         return self._score_selection(self.selection(beta, 0.0), "beta")
 
     def reference_point(self, init: str) -> dict:
-        """A selection baseline (random, or top-k by ``scores.topk``) inside the pool, scored
-        like a β point: what a window must beat."""
-        return self._score_selection(self.selection(0.0, 0.0, init=init), "beta")
+        """A selection baseline (the random subset) inside the pool, scored like a β point:
+        what a window must beat to be SelMatch's start."""
+        return self._score_selection(self.selection(None, 0.0, init=init), "beta")
 
 
-def window_search(cfg: RunConfig, ds: Dataset, scores: Scores, *,
-                  topk_scores: Scores | None = None, device: str | None = None,
+def decide_start(window: Point, random: Point, beta: float) -> dict:
+    """SelMatch's start from the chosen window (at ``beta``) and the random subset of the same
+    pool, scored alike: the window when it leads the random subset by more than :data:`Z`
+    standard errors of their paired difference, else the random subset (a window that cannot be
+    told apart from random images earns no place as the start). The same rule for
+    ``selmatch window`` and ``selmatch tune``."""
+    lead, se = difference(window, random)
+    beats = lead > Z * se
+    verdict = "beats" if beats else "does not beat"
+    why = (f"the window at β = {beta:g} ({100 * window.acc:.1f}%) {verdict} the random subset "
+           f"({100 * random.acc:.1f}%) beyond the noise: lead {100 * lead:.1f} points, "
+           f"{Z:g} standard errors = {100 * Z * se:.1f}")
+    return {"init": "window" if beats else "random", "beta": beta if beats else None,
+            "lead": lead, "se": se, "why": why}
+
+
+def window_search(cfg: RunConfig, ds: Dataset, scores: Scores, *, device: str | None = None,
                   progress: bool = True) -> dict:
-    """Every β of the grid (and the random and top-k references) scored on the validation split,
-    and the choice of :func:`decide` (``best_beta``). Top-k is scored apart only when its score
-    differs from the windows' (otherwise it is the window at β = 0)."""
-    ctx = SearchContext(cfg, ds, scores, topk_scores=topk_scores, device=device)
+    """Every β of the grid and the random reference scored on the validation split; the choice
+    of :func:`decide` (``best_beta``) and SelMatch's start (:func:`decide_start`)."""
+    ctx = SearchContext(cfg, ds, scores, device=device)
     betas = ctx.beta_values()
     if not betas:
         raise ValueError(f"no β in steps of tune.beta_step {cfg.tune.beta_step:g} fits "
@@ -369,9 +395,7 @@ def window_search(cfg: RunConfig, ds: Dataset, scores: Scores, *,
     records = {}
     for beta in tqdm(betas, desc="window search", disable=not progress):
         records[beta] = ctx.beta_point(beta)
-    refs = ["random"] + (["topk"] if topk_scores is not None and
-                         topk_scores.kind != scores.kind else [])
-    references = {name: ctx.reference_point(name) for name in refs}
+    references = {"random": ctx.reference_point("random")}
     points = {b: Point.from_record(r) for b, r in records.items()}
     decision = decide(points, start=grid_start(betas, cfg.tune.beta_start), chance=ctx.chance,
                       kind="beta")
@@ -379,10 +403,12 @@ def window_search(cfg: RunConfig, ds: Dataset, scores: Scores, *,
     for rec in references.values():
         lead, se = difference(best, Point.from_record(rec))
         rec.update(best_minus_this=lead, se=se)
+    start = decide_start(points[decision.value], Point.from_record(references["random"]),
+                         decision.value)
     first = records[betas[0]]
     return {"betas": betas, "val_accuracy": [records[b][METRIC] for b in betas],
             "points": {f"{b:g}": records[b] for b in betas}, "references": references,
-            "decision": decision.to_dict(), "best_beta": decision.value,
+            "decision": decision.to_dict(), "best_beta": decision.value, "start": start,
             "epochs": first["epochs"],
             "full_epochs": config_epochs(cfg.eval, cfg.select.ipc * ds.info.num_classes,
                                          len(ds.y_train)),

@@ -28,7 +28,8 @@ from distill.scores import Scores
 
 _EPS = 1e-9  # floor(0.7 * 500) must be 350, not 349 (0.7 * 500 = 349.99999999999994)
 
-INITS = ("window", "random", "topk")
+INITS = ("auto", "window", "random", "topk")
+"""``select.init``: auto and window are resolved to a :class:`Start` (:func:`resolve_start`)."""
 
 
 def _floor(x: float) -> int:
@@ -121,29 +122,89 @@ def select_topk(scores: Scores, labels: np.ndarray, num_classes: int, ipc: int,
 
 
 def select_random(labels: np.ndarray, num_classes: int, ipc: int, alpha: float,
-                  seed: int) -> Selection:
-    """IPC samples per class uniformly at random (MTT's initialisation), from (seed, class)."""
+                  seed: int, scores: Scores | None = None) -> Selection:
+    """IPC samples per class uniformly at random (MTT's initialisation), from (seed, class).
+    Which samples does not depend on ``scores``; their order within a class does: by dataset
+    index without scores, hardest first with them, so that a partial update keeps the harder
+    part real and distils the easier one, as for a window."""
     labels = np.asarray(labels)
+    hardness = None if scores is None else scores.hardness()
     parts = []
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
         if ipc > len(idx):
             raise ValueError(f"select.ipc {ipc} exceeds the {len(idx)} samples of class {c}")
         perm = torch.randperm(len(idx), generator=RANDOM_SELECTION.generator(seed, c)).numpy()
-        parts.append(np.sort(idx[perm[:ipc]]))
+        chosen = np.sort(idx[perm[:ipc]])
+        if hardness is not None:
+            chosen = chosen[np.lexsort((chosen, -hardness[chosen]))]
+        parts.append(chosen)
     return _assemble(parts, ipc, alpha, "random", None)
 
 
+MADE = ("window", "random", "topk")
+"""What a selection can be made as."""
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a synthetic set starts: ``init`` (window, random or topk), the window's ``beta``,
+    and where each came from (``config``, ``tune`` or ``window search``), for logs and the
+    report."""
+
+    init: str
+    beta: float | None = None
+    source: str = "config"
+
+    def describe(self) -> str:
+        where = f"window at β = {self.beta:g}" if self.init == "window" else \
+            {"random": "the random subset", "topk": "the IPC hardest"}[self.init]
+        return f"{where} ({self.source})"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def needs_scores(init: str, alpha: float) -> bool:
+    """Whether a selection of ``init`` at ``alpha`` reads difficulty scores: every window and
+    top-k, and a random subset that a partial update splits into its harder and easier part."""
+    return init != "random" or 0 < alpha < 1
+
+
+def needs_search(init: str, beta: float | None) -> bool:
+    """Whether a start of ``select.init`` / ``select.beta`` is decided by the window search."""
+    return init in ("auto", "window") and beta is None
+
+
+def resolve_start(init: str, beta: float | None, decision: dict | None, *,
+                  source: str = "config") -> Start:
+    """The start ``select.init`` / ``select.beta`` ask for; ``decision`` (the window search's
+    ``start``: ``{"init": "window" | "random", "beta": ...}`` and its ``best_beta``) where
+    :func:`needs_search`. ``source`` names where the config's own values came from."""
+    if init in ("random", "topk"):
+        return Start(init, None, source)
+    if beta is not None:
+        return Start("window", float(beta), source)
+    if decision is None:
+        raise ValueError("the window search has not run: select.beta is null, so the start is "
+                         "the search's choice (run `selmatch window`, or set select.beta)")
+    if init == "window":
+        return Start("window", float(decision["best_beta"]), "window search")
+    chosen = decision["start"]
+    return Start(chosen["init"], chosen.get("beta"), "window search")
+
+
 def make_selection(init: str, *, scores: Scores | None, labels: np.ndarray, num_classes: int,
-                   ipc: int, beta: float, alpha: float, seed: int,
+                   ipc: int, beta: float | None, alpha: float, seed: int,
                    pool: np.ndarray | None = None) -> Selection:
     """Dispatch on ``select.init``. With ``pool`` (sorted training indices) the selection is
     made among those samples only, in their own difficulty order, and the indices it returns
     still refer to the whole training set (the searches select from the training set minus their
     validation split: distill/search.py)."""
-    if init not in INITS:
-        raise ValueError(f"select.init must be one of {', '.join(INITS)}; got {init!r}")
-    if init != "random" and scores is None:
+    if init not in MADE:
+        raise ValueError(f"a selection is one of {', '.join(MADE)}; got {init!r} (auto is "
+                         f"resolved to one of them first: resolve_start)")
+    if needs_scores(init, alpha) and scores is None:
         raise ValueError(f"select.init {init} needs difficulty scores; run `selmatch scores`")
     labels = np.asarray(labels)
     if pool is not None:
@@ -153,8 +214,12 @@ def make_selection(init: str, *, scores: Scores | None, labels: np.ndarray, num_
         sel = make_selection(init, scores=sub, labels=labels[pool], num_classes=num_classes,
                              ipc=ipc, beta=beta, alpha=alpha, seed=seed)
         return dataclasses.replace(sel, source_index=torch.from_numpy(pool)[sel.source_index])
-    if init == "random":
-        return select_random(labels, num_classes, ipc, alpha, seed)
+    if init == "random":  # the order inside a class matters only to a partial update's split
+        return select_random(labels, num_classes, ipc, alpha, seed,
+                             scores if 0 < alpha < 1 else None)
     if init == "topk":
         return select_topk(scores, labels, num_classes, ipc, alpha)
+    if beta is None:
+        raise ValueError("a window needs its start select.beta (null: resolve it with the "
+                         "window search's choice first)")
     return select_window(scores, labels, num_classes, ipc, beta, alpha)

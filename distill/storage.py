@@ -2,8 +2,8 @@
 
 Every write is atomic: the bytes go to a temporary sibling name first and are then moved onto the
 final name, so a crash never leaves a half-written file under the name a reader looks for.
-Readers that need more than "the file exists" (experts, checkpoints) also record sizes and
-checksums in their manifests.
+What is written here is not verified on reading: artifacts that later stages trust go through
+distill/integrity.py (checksums, loads that run no code).
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ def run_dir_problem(url: str) -> str | None:
     if not isinstance(url, str) or not url.strip():
         return ("run_dir must name a directory (a path or fsspec URL such as runs/quickstart), "
                 f"got {url!r}")
+    if "::" in url:
+        return (f"run_dir {url!r} contains '::', which fsspec reads as a chain of URLs (it would "
+                f"write into other directories); give a path or a single URL such as "
+                f"runs/<name> or s3://bucket/<name>")
     if "://" in url and not url.startswith("file://"):
         path = url.split("://", 1)[1]
     else:
@@ -56,6 +60,27 @@ def run_dir_problem(url: str) -> str | None:
         example = (url.split("://", 1)[0] + "://" if "://" in url else "/") + "runs/<name>"
         return (f"run_dir {url!r} is the root of its filesystem; give it a directory of its own "
                 f"(e.g. {example})")
+    return None
+
+
+def local_path(url: str) -> str | None:
+    """The filesystem path of a local path or ``file://`` URL; None for any other URL."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if "://" in url else url
+
+
+def file_problem(field: str, url: str | None) -> str | None:
+    """Why config field ``field`` cannot name a file to read (None: it may; a file that does not
+    exist yet is the reader's message): a local directory, or a chained URL."""
+    if url is None:
+        return None
+    if "::" in url:
+        return (f"{field} {url!r} is a chained fsspec URL ('::'), which selmatch does not read; "
+                f"give a path or a single URL")
+    path = local_path(url)
+    if path is not None and os.path.isdir(os.path.expanduser(path)):
+        return f"{field} {url} is a directory; give a .npy or .npz file"
     return None
 
 
@@ -156,17 +181,3 @@ def torch_save(url: str, obj: Any) -> str:
     data = buf.getvalue()
     write_bytes(url, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def torch_load(url: str, *, expected_sha256: str | None = None, expected_size: int | None = None) -> Any:
-    """Load a ``torch.save`` file; with expectations, a truncated or altered file raises ValueError."""
-    data = read_bytes(url)
-    if expected_size is not None and len(data) != expected_size:
-        raise ValueError(f"{url}: size {len(data)} bytes, expected {expected_size} "
-                         f"(truncated or overwritten; delete it and re-create it)")
-    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise ValueError(f"{url}: checksum mismatch (corrupt file; delete it and re-create it)")
-    try:
-        return torch.load(_io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for damaged archives
-        raise ValueError(f"{url}: cannot be read as a torch file ({err})") from err

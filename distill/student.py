@@ -36,17 +36,21 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from distill.augment import DSA, DSAParams
 from distill.functional import FunctionalConvNet, functional_convnet
-from distill.params import ParamLayout, functional_forward
+from distill.params import ParamLayout, functional_forward, step_loss
 
 log = logging.getLogger(__name__)
 
 COMPILE_CHOICES = ("auto", "on", "off")
 PRECISIONS = ("auto", "tf32", "fp32")
+
+
+BACKEND = "inductor"
+"""torch.compile's backend for the fast path (a parameter of :meth:`Student.of` and
+:class:`FastSteps`; the product always uses this one)."""
 
 
 class Steps(Protocol):
@@ -83,11 +87,13 @@ class Student:
     @classmethod
     def of(cls, model: torch.nn.Module, dsa: DSA | None, dtype: torch.dtype,
            device: torch.device | str, *, compile: str | bool = "off", cuda_graphs: bool = True,
-           groups_per_call: int | None = None, team=None) -> Student:
+           groups_per_call: int | None = None, team=None,
+           backend: str = BACKEND) -> Student:
         """``compile``: off = the eager reference; on = the fast path (falls back to eager with a
         warning where it cannot run); auto = on for CUDA, off on CPU (see :func:`use_fast_path`).
         ``team``: a :class:`~distill.runtime.Team` of more than one rank spreads every BN group
-        over its ranks (:class:`TeamSteps`)."""
+        over its ranks (:class:`TeamSteps`). ``backend``: torch.compile's backend for the fast
+        path (inductor; "eager" captures the same graph without generating code, in seconds)."""
         model.train()  # BN uses batch statistics: they are part of the matched computation
         buffers = {name: b.detach().to(device, dtype if b.is_floating_point() else b.dtype).clone()
                    for name, b in model.named_buffers()}
@@ -104,7 +110,7 @@ class Student:
         elif fast:
             student.steps = FastSteps(functional_convnet(model), dsa, student.steps,
                                       cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
-                                      groups_per_call=groups_per_call)
+                                      groups_per_call=groups_per_call, backend=backend)
         log.info("matching step: %s (%s)", student.steps.name, why)
         return student
 
@@ -114,7 +120,7 @@ class Student:
         if aug is not None and self.dsa is not None:
             x = self.dsa.apply(x, aug)
         out = functional_forward(self.model, theta, x, self.layout, buffers=self.buffers)
-        return F.cross_entropy(out, y, reduction="sum") / batch
+        return step_loss(out, y, batch)
 
 
 def compile_choice(value: str | bool) -> str:
@@ -206,7 +212,7 @@ def _kernels(net: FunctionalConvNet):
     """The two pure step functions of ``net``, ready for ``torch.compile``."""
 
     def loss(theta, x, y, groups, batch):
-        return F.cross_entropy(net.forward(theta, x, groups), y, reduction="sum") / batch
+        return step_loss(net.forward(theta, x, groups), y, batch)
 
     def gradient(theta, x, y, groups, batch):
         return torch.func.grad(loss)(theta, x, y, groups, batch)
@@ -220,9 +226,6 @@ def _kernels(net: FunctionalConvNet):
         return h_lam, grad_x, d
 
     return gradient, replay
-
-
-_BACKEND = "inductor"  # torch.compile's backend for the fast path
 
 
 def first_call_tolerance(dtype: torch.dtype, device: torch.device) -> float:
@@ -262,11 +265,12 @@ class FastSteps:
     """
 
     def __init__(self, net: FunctionalConvNet, dsa: DSA | None, reference: EagerSteps, *,
-                 cuda_graphs: bool = False, groups_per_call: int | None = None):
+                 cuda_graphs: bool = False, groups_per_call: int | None = None,
+                 backend: str = BACKEND):
         self.dsa, self.reference = dsa, reference
         self.groups_per_call = groups_per_call
         self.cuda_graphs = cuda_graphs
-        self.backend = _BACKEND
+        self.backend = backend
         gradient, replay = _kernels(net)
         mode = "reduce-overhead" if cuda_graphs else None
         options = {"backend": self.backend, "fullgraph": True, "dynamic": False}
@@ -403,7 +407,7 @@ class TeamSteps:
         if aug is not None:
             x = self.dsa.apply(x, aug)
         out = self.net.forward(theta, x, len(x) // group, team=self.team)
-        return F.cross_entropy(out, y, reduction="sum") / batch
+        return step_loss(out, y, batch)
 
     def gradient(self, theta, x, y, aug, *, group, batch):
         th = theta.detach().requires_grad_(True)

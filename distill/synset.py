@@ -77,15 +77,16 @@ class SyntheticSet:
                    state["syn_lr"])
 
     def save(self, run_dir: str, method: str, *, meta: dict | None = None,
-             denormalize=None) -> str:
-        """Write ``synset/<method>.pt`` and ``synset/<method>.png`` (atomically)."""
+             denormalize=None, class_names: tuple[str, ...] | None = None) -> str:
+        """Write ``synset/<method>.pt`` and ``synset/<method>.png`` (atomically); the grid's
+        columns are headed by ``class_names`` when given."""
         if method.removesuffix("_init") not in SYNSETS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(SYNSETS)} "
                              f"(or <method>_init for a starting point)")
         url = storage.join(run_dir, "synset", f"{method}.pt")
         integrity.torch_save(url, self.state(method, meta))
         png = image_grid(self.images().detach().cpu(), self.labels.cpu(), self.is_distilled.cpu(),
-                         denormalize=denormalize)
+                         denormalize=denormalize, class_names=class_names)
         storage.write_bytes(storage.join(run_dir, "synset", f"{method}.png"), png)
         return url
 
@@ -132,10 +133,26 @@ def load_synset(run_dir: str, method: str, *,
                                                   f"({type(err).__name__}: {err})", FIX) from err
 
 
+def _headed(pil, names: list[str], column: int):
+    """``pil`` under a white band with each column's name (cut to fit its width)."""
+    from PIL import Image, ImageDraw
+
+    band = 12
+    out = Image.new("RGB", (pil.width, pil.height + band), "white")
+    out.paste(pil, (0, band))
+    draw = ImageDraw.Draw(out)
+    fits = max(1, column // 6)  # the default bitmap font is about 6 px per character
+    for j, name in enumerate(names):
+        draw.text((j * column + 2, 0), name[:fits], fill="black")
+    return out
+
+
 def image_grid(images: torch.Tensor, labels: torch.Tensor, is_distilled: torch.Tensor, *,
-               denormalize=None, max_classes: int = 20, max_rows: int = 10, pad: int = 1) -> bytes:
-    """PNG bytes: one column per class (first ``max_classes``); D_select rows on top (up to
-    ``max_rows``), a gap, then D_distill rows (up to ``max_rows``)."""
+               denormalize=None, max_classes: int = 20, max_rows: int = 10, pad: int = 1,
+               class_names: tuple[str, ...] | None = None) -> bytes:
+    """PNG bytes: one column per class (first ``max_classes``), headed by its name when
+    ``class_names`` are given; D_select rows on top (up to ``max_rows``), a gap, then D_distill
+    rows (up to ``max_rows``)."""
     from PIL import Image
 
     x = denormalize(images) if denormalize is not None else images
@@ -162,6 +179,9 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, is_distilled: torch.T
     arr = (canvas * 255).round().byte().permute(1, 2, 0).numpy()
     pil = Image.fromarray(arr[..., 0] if c == 1 else arr)
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    if class_names:
+        pil = _headed(pil.convert("RGB"), [str(class_names[c]) if c < len(class_names) else
+                                           str(c) for c in classes], (w + pad) * scale)
     buf = _io.BytesIO()
     pil.save(buf, format="PNG")
     return buf.getvalue()

@@ -16,6 +16,7 @@ the damaged ones.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import subprocess
 from collections import OrderedDict
@@ -26,7 +27,7 @@ import torch
 from distill import integrity, storage
 from distill.config import RunConfig
 from distill.experts import ExpertResult
-from distill.freshness import digest, stamp
+from distill.artifacts import digest, expert_settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ExpertStore:
         self.dir = storage.join(run_dir or cfg.run_dir, "experts")
         # the freshness stamp of one expert (everything that changes its numbers, not how many
         # experts nor resources), stored as the manifest's "config_hash"
-        self.hash = stamp(cfg, "expert")
+        self.hash = expert_settings(cfg)
 
     # -- manifest ----------------------------------------------------------------------------
 
@@ -65,14 +66,12 @@ class ExpertStore:
                 "seed": self.cfg.seed, "experts": {}}
 
     def _read_manifest(self, url: str) -> dict:
-        """The manifest's JSON, verified (distill/integrity.py; one written before checksums
-        existed is read unverified) and checked for the structure the store relies on."""
+        """The manifest's JSON, verified (distill/integrity.py: a manifest without its sidecar is
+        damaged, since it is what verifies every expert file) and checked for the structure the
+        store relies on."""
         fix = ("run `selmatch experts --config F`: it moves the damaged manifest aside and "
                "trains the experts again (their files cannot be verified without it)")
-        if integrity.recorded(url) is None:  # an older run directory: the files' sha256 remain
-            text = storage.read_text(url)
-        else:
-            text = integrity.read_text(url, fix=fix)
+        text = integrity.read_text(url, fix=fix)  # no sidecar: damaged (it verifies every file)
         manifest = integrity.parse_json(url, text, fix=fix)
         experts = manifest.get("experts")
         if not isinstance(experts, dict):
@@ -214,8 +213,21 @@ class ExpertStore:
         if not storage.exists(url):
             raise FileNotFoundError(f"{url} is recorded in the manifest but missing; re-run "
                                     f"`selmatch experts --config F`")
-        state = storage.torch_load(url, expected_size=entry["size"], expected_sha256=entry["sha256"])
-        return ExpertResult.from_state(state)
+        fix = "run `selmatch experts --config F` to retrain it"
+        data = storage.read_bytes(url)
+        if len(data) != entry["size"]:
+            raise integrity.DamagedArtifactError(
+                url, f"size {len(data)} bytes, expected {entry['size']} (truncated or overwritten)",
+                fix)
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise integrity.DamagedArtifactError(
+                url, "sha256 differs from the manifest's record (corrupt or altered file)", fix)
+        state = integrity.torch_from_bytes(url, data, fix=fix)
+        try:
+            return ExpertResult.from_state(state)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise integrity.DamagedArtifactError(
+                url, f"not an expert file ({type(err).__name__}: {err})", fix) from err
 
     def load_all(self) -> list[ExpertResult]:
         """Every expert of :meth:`wanted_ids`, verified; a missing or damaged one is an error."""

@@ -170,6 +170,9 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         if cfg.scores.kind == "cscore" and not cfg.scores.file:
             problems.append("scores.file is required when scores.kind is cscore "
                             "(C-scores cannot be computed here; e.g. configs/scores/cscores_CIFAR10.npz)")
+    for name in ("scores.file", "scores.topk_file"):
+        if (problem := storage.file_problem(name, _field(cfg, name))) is not None:
+            problems.append(problem)
     if _choice(problems, "scores.topk", cfg.scores.topk, list(SCORE_KINDS)):
         if (SCORE_KINDS[cfg.scores.topk].from_experts is None and not cfg.scores.topk_file
                 and cfg.scores.topk != cfg.scores.kind):
@@ -183,7 +186,8 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         if sel.ipc > n_c:
             problems.append(f"select.ipc ({sel.ipc}) is larger than the smallest class of "
                             f"{info.name} ({n_c} training samples)")
-        elif sel.init == "window" and not window_fits(sel.beta, sel.ipc, n_c):
+        elif (sel.init in ("auto", "window") and sel.beta is not None
+              and not window_fits(sel.beta, sel.ipc, n_c)):
             problems.append(
                 f"select.beta ({sel.beta:g}) + select.ipc / class size ({sel.ipc}/{n_c} = "
                 f"{sel.ipc / n_c:.4g}) must be <= 1 so the window fits in the class; "

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from distill.config import ConfigError
 from distill.config_io import load_config
-from launch.exits import arguments_text, run_guarded
+from launch.exits import arguments_text, command_overrides, run_guarded
 
 # name -> (help, "module:function"); the handler is imported only when its command runs, so that
 # `selmatch --help` stays fast and Ray/DeepSpeed are imported only by the commands that use them.
@@ -31,8 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experts": ("train expert trajectories (Ray workers; --workers 0 = in-process)",
                 "launch.experts:cmd_experts"),
     "scores": ("compute or import difficulty scores (scores/<kind>.npy)", "launch.scores:cmd_scores"),
-    "distill": ("select and distill the synthetic set (same as distill/main.py; --resume)",
-                "distill.main:cmd_distill"),
+    "distill": ("select and distill the synthetic set (same as distill/main.py; --resume, "
+                "--force)", "launch.distillation:cmd_distill"),
     "window": ("sliding-window search over beta (window/results.json, synset/window.pt)",
                "launch.pipeline:cmd_window"),
     "evaluate": ("evaluate every synthetic set in synset/ (eval/<method>.json)",
@@ -43,22 +43,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "tune.main:cmd_tune"),
     "estimate": ("memory per rank, storage, communication and time of the matching step",
                  "launch.estimate:cmd_estimate"),
+    "unlock": ("remove the run directory's lock once the command that held it is gone",
+               "launch.unlock:cmd_unlock"),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="selmatch",
+        prog="selmatch", allow_abbrev=False,
         description="SelMatch dataset distillation: selection-based initialisation plus partial "
                     "trajectory-matching updates. Commands that take --config F also take dotted "
                     "overrides such as --distill.alpha 0.3.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == "config":
             p.add_argument("action", choices=["show"])
             p.add_argument("--config", help="YAML config file (path or fsspec URL)")
+            add_config_flags(p)
         elif name == "data":
             p.add_argument("action", choices=["list"])
         else:
@@ -72,12 +75,11 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--workers", type=int, default=None,
                        help="parallel Ray workers (0 = train in-process without Ray; default: Ray decides)")
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
-    if name == "run":
-        p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
-                       help="repetition seeds (selection, distillation and evaluation repeated on "
-                            "the same experts; the report pools them); = the config field seeds")
+    add_config_flags(p)
     if name == "distill":
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        p.add_argument("--force", action="store_true",
+                       help="distil again even when the result is present and fresh")
     if name == "estimate":
         p.add_argument("--gpus", type=int, default=1, help="ranks (GPUs) sharing each step")
         p.add_argument("--device-memory", default=None,
@@ -88,6 +90,17 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
         p.add_argument("--no-ray", action="store_true",
                        help="run the trials one after another in this process (hosts without Ray)")
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """The two config fields every command that takes --config also takes as flags."""
+    p.add_argument("--seeds", nargs="+", default=None, metavar="S",
+                   help="repetition seeds of selmatch run (selection, distillation and "
+                        "evaluation repeated on the same experts; the report pools them): "
+                        "--seeds 0 1 2 or --seeds '[0, 1, 2]'; = the config field seeds")
+    p.add_argument("--tuned", action="store_true",
+                   help="take select.init, select.beta and distill.alpha from "
+                        "<run_dir>/tune/selected.yaml (= the config field tuned)")
 
 
 def _load(target: str) -> Callable[..., int | None]:
@@ -141,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = _load(COMMANDS[args.command][1])
-    return run_guarded(f"selmatch {args.command}", lambda: handler(args, overrides),
+
+    def work() -> int | None:
+        return handler(args, command_overrides(args, overrides))
+
+    return run_guarded(f"selmatch {args.command}", work,
                        arguments=arguments_text(getattr(args, "config", None), overrides))
 
 

@@ -65,7 +65,7 @@ def _on_ray(cfg: RunConfig, ds: Dataset, sets: dict[str, ImageSet], jobs: list[J
             progress: bool = True) -> dict[tuple[str, int], torch.Tensor]:
     import ray
 
-    from launch.ray_utils import init_ray
+    from launch.ray_utils import init_ray, run_limited
 
     done: dict[tuple[str, int], torch.Tensor] = {}
     if not jobs:
@@ -76,16 +76,14 @@ def _on_ray(cfg: RunConfig, ds: Dataset, sets: dict[str, ImageSet], jobs: list[J
         task = ray.remote(num_cpus=cfg.eval.num_cpus, num_gpus=gpus, max_retries=1)(_task)
         ds_ref = ray.put(ds)
         refs = {m: ray.put(s) for m, s in sets.items()}
-        queue, running = list(jobs), {}
-        limit = workers or len(jobs)
-        while queue or running:
-            while queue and len(running) < limit:
-                m, k, epochs = queue.pop(0)
-                running[task.remote(cfg, ds_ref, refs[m], k, epochs, gpus)] = (m, k)
-            finished, _ = ray.wait(list(running), num_returns=1)
-            key = running.pop(finished[0])
-            done[key] = ray.get(finished[0])
+        keys = {id(refs[m]): m for m in sets}
+
+        def finished(args: tuple, correct: torch.Tensor) -> None:
+            done[keys[id(args[2])], args[3]] = correct
             bar.update(1)
+
+        run_limited(task, [(cfg, ds_ref, refs[m], k, epochs, gpus) for m, k, epochs in jobs],
+                    finished, limit=workers)
     finally:
         bar.close()
         if started:

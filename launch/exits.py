@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from distill.config import ConfigError
 from distill.lock import RunDirBusyError
-from distill.prerequisites import MissingStagesError
+from distill.freshness import MissingStagesError
 from distill.runtime import DivergedRanksError
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,25 @@ def arguments_text(config: str | None, overrides: list[str]) -> str | None:
     if config is None:
         return None
     return " ".join(shlex.quote(a) for a in ["--config", config, *overrides])
+
+
+def command_overrides(args, overrides: list[str]) -> list[str]:
+    """``overrides`` plus the config fields given as flags (``--seeds 0 1 2`` or ``--seeds
+    '[0, 1, 2]'``, ``--tuned``), as dotted overrides; a seed that is not an integer is a
+    ConfigError naming it."""
+    out = list(overrides)
+    seeds = getattr(args, "seeds", None)
+    if seeds:
+        text = " ".join(seeds).strip()
+        items = text.strip("[]").replace(",", " ").split()
+        bad = [s for s in items if not s.lstrip("-").isdigit()]
+        if bad or not items:
+            raise ConfigError([f"--seeds takes integers (--seeds 0 1 2 or --seeds '[0, 1, 2]'), "
+                               f"got {text!r}"])
+        out.append(f"--seeds=[{', '.join(items)}]")
+    if getattr(args, "tuned", False):
+        out.append("--tuned=true")
+    return out
 
 
 def run_guarded(prog: str, work: Callable[[], int | None], *,

@@ -26,6 +26,7 @@ from distill.data import Dataset, load_configured
 from distill.experts import train_expert
 from distill.lock import run_dir_lock
 from distill.runtime import device_for
+from distill.search import at_chance
 from distill.trajectories import ExpertStore
 
 log = logging.getLogger(__name__)
@@ -37,27 +38,28 @@ def chance_level(ds: Dataset) -> float:
     return float(counts.max()) / max(1, len(ds.y_test))
 
 
-def at_chance(entry: dict) -> bool:
-    """An expert whose final test accuracy is within 10% of the way from chance to 100%: it
+def expert_at_chance(entry: dict) -> bool:
+    """An expert whose final test accuracy is at chance (distill/search.py ``at_chance``): it
     learned (next to) nothing, and trajectories or scores made from it would be noise."""
     chance = entry.get("chance")
     if chance is None or not entry.get("test_acc"):
         return False
-    return entry["test_acc"][-1] <= chance + 0.1 * (1.0 - chance)
+    return at_chance(entry["test_acc"][-1], chance, entry.get("n_test"))
 
 
 def train_and_save(cfg: RunConfig, ds: Dataset, expert_id: int, progress: bool = False) -> dict:
     """Train one expert and write its file; returns the manifest entry (runs on a worker)."""
     result = train_expert(cfg, ds, expert_id, device=device_for(cfg.experts.num_gpus),
                           progress=progress)
-    return {**ExpertStore(cfg).save(result), "chance": round(chance_level(ds), 6)}
+    return {**ExpertStore(cfg).save(result), "chance": round(chance_level(ds), 6),
+            "n_test": len(ds.y_test)}
 
 
 def warn_at_chance(manifest: dict, store_dir: str) -> list[str]:
     """Log a WARNING per expert that ended at chance accuracy; returns the messages."""
     out = []
     for key, entry in sorted(manifest["experts"].items(), key=lambda kv: int(kv[0])):
-        if at_chance(entry):
+        if expert_at_chance(entry):
             msg = (f"expert {key} ended at chance accuracy: test accuracy "
                    f"{100 * entry['test_acc'][-1]:.1f}% vs {100 * entry['chance']:.1f}% for always "
                    f"guessing the largest class ({store_dir}). It learned nothing: check "
@@ -134,23 +136,19 @@ def _run_on_ray(cfg: RunConfig, ds: Dataset, missing: list[int], store: ExpertSt
                 *, workers: int | None, address: str | None) -> None:
     import ray
 
-    from launch.ray_utils import init_ray
+    from launch.ray_utils import init_ray, run_limited
 
     started = init_ray(address)
     try:
         task = ray.remote(num_cpus=cfg.experts.num_cpus, num_gpus=cfg.experts.num_gpus,
                           max_retries=1)(train_on_ray)
         ds_ref = ray.put(ds)
-        limit = workers or len(missing)
-        queue = list(missing)
-        running = []
-        while queue or running:
-            while queue and len(running) < limit:
-                running.append(task.remote(cfg, ds_ref, queue.pop(0)))
-            finished, running = ray.wait(running, num_returns=1)
-            entry = ray.get(finished[0])
+
+        def done(_, entry: dict) -> None:
             store.record(entry)
             _report(bar, entry)
+
+        run_limited(task, [(cfg, ds_ref, i) for i in missing], done, limit=workers)
     finally:
         if started:
             ray.shutdown()

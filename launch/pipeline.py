@@ -1,16 +1,16 @@
-"""``selmatch run``: the whole pipeline, skipping every stage whose artifact is fresh.
+"""``selmatch run``: the whole pipeline, making every artifact that is not fresh.
 
     selmatch run --config configs/quickstart.yaml          # digits, 2 CPU cores, ~10 minutes
     selmatch run --config configs/fmnist_ipc300.yaml --workers 4 --seeds 0 1 2
+    selmatch run --config configs/fmnist_cpu.yaml --tuned  # at tune/selected.yaml's choice
 
-experts → scores (and the top-k row's forgetting scores) → window search (grid over β, validation
-split) → for each repetition seed: the selection rows' sets, the distillations the chosen rows
-need (SelMatch, MTT, selection init + full update), the evaluation of every row with its
-augmentation (distill/methods.py) → report pooling seeds × evaluation runs.
-
-Freshness is one rule for every stage (distill/freshness.py, launch/stages.py): re-running after a
-crash or a config change redoes exactly what is missing or stale, and a longer distillation
-continues from its checkpoint.
+It walks the stage table (distill/artifacts.py ``refs_of``: every artifact the chosen rows need,
+upstream first): experts → scores (and the top-k row's) → window search (the best β and
+SelMatch's start) → for each repetition seed the selection rows' sets and the distillations
+the chosen rows need → the evaluation of every row → the report pooling seeds × evaluation
+runs. Each artifact is made only when distill/freshness.py says it is missing or stale, so
+re-running after a crash or a config change redoes exactly that, a longer distillation
+continues from its checkpoint, and a run with nothing to do writes nothing.
 """
 
 from __future__ import annotations
@@ -19,24 +19,24 @@ import logging
 import shlex
 import sys
 
-from distill import integrity, storage
-from distill.lock import run_dir_lock
+from distill import storage
+from distill.artifacts import Ref, digest, refs_of
 from distill.config import RunConfig
-from distill.config_io import dump_yaml, load_config, repetitions, save_config
-from distill.data import load_configured
+from distill.config_io import dump_yaml, load_config, save_config
+from distill.data import flip_invariant, load_configured
+from distill.freshness import Freshness, MissingStagesError, present_sets, url_of
+from distill.lock import check_not_busy, run_dir_lock
+from distill.artifacts import set_of as set_ref
+from distill.methods import chosen as chosen_rows
+from distill.methods import eval_network, flip_for
 from distill.preflight import log_summary
-from distill.runtime import device_for
-from distill.data import flip_invariant
-from distill.methods import DISTILLED, METHODS, chosen, eval_network, flip_for, synsets_needed
-from distill.prerequisites import require_stages
 from distill.report import write_report
-from distill.scores import load_scores
+from distill.runtime import device_for
 from distill.trajectories import ExpertStore
-from launch.experts import at_chance, run_experts
-from launch.scores import ensure_scores, topk_config
+from launch.experts import run_experts, warn_at_chance
+from launch.scores import ensure_scores
 from launch.stages import (
     ReferenceCache,
-    require_fresh_sets,
     stage_distill,
     stage_evaluate,
     stage_selection,
@@ -46,15 +46,16 @@ from launch.stages import (
 log = logging.getLogger(__name__)
 
 
-def _notes(cfg: RunConfig, ds, window: dict | None) -> list[str]:
-    store = ExpertStore(cfg)
-    manifest = store.manifest()
+def _notes(cfg: RunConfig, ds, check: Freshness) -> list[str]:
+    manifest = ExpertStore(cfg).manifest()
     n_syn = cfg.select.ipc * ds.info.num_classes
     seeds = cfg.seeds or [cfg.seed]
+    start = check.start(cfg.select.init, cfg.select.beta)
     notes = [f"Dataset {cfg.data.name}, IPC {cfg.select.ipc} ({n_syn} images, "
-             f"{100 * n_syn / len(ds.y_train):.1f}% of {len(ds.y_train)}), SelMatch α = "
-             f"{cfg.distill.alpha:g}, β = {cfg.select.beta:g}, {cfg.distill.iterations} "
-             f"distillation iterations per distilled set, {cfg.experts.num_experts} experts × "
+             f"{100 * n_syn / len(ds.y_train):.1f}% of {len(ds.y_train)}); SelMatch starts from "
+             f"the {start.describe()} with α = {cfg.distill.alpha:g} "
+             f"({'tune' if cfg.tuned else 'config'}); {cfg.distill.iterations} distillation "
+             f"iterations per distilled set, {cfg.experts.num_experts} experts × "
              f"{cfg.experts.epochs} epochs (shared by every row and seed), repetition seeds "
              f"{', '.join(map(str, seeds))}, device {device_for()}."]
     net = eval_network(cfg)
@@ -65,22 +66,22 @@ def _notes(cfg: RunConfig, ds, window: dict | None) -> list[str]:
                  f"{'' if flip_invariant(cfg.data.name) else 'not '}flip-invariant"
                  f"{'; eval.flip overrides' if cfg.eval.flip is not None else ''}), "
                  f"{cfg.eval.crop_fill} crop fill.")
+    window = check.window()
     if window is not None:
-        notes.append(f"Best window (validation β): β = {window['best_beta']:g} from the window "
-                     f"search ({window.get('augment', '?')} augmentation, "
-                     f"{window['validation_size']} validation images held out of every "
-                     f"candidate's pool).")
-    for key, entry in sorted(manifest["experts"].items(), key=lambda kv: int(kv[0])):
-        if int(key) < cfg.experts.num_experts and at_chance(entry):
-            notes.append(f"**WARNING: expert {key} ended at chance accuracy** "
-                         f"({100 * entry['test_acc'][-1]:.1f}%, chance {100 * entry['chance']:.1f}%): "
-                         f"trajectories and scores made from it are noise.")
+        notes.append(f"Window search: best window β = {window['best_beta']:g} "
+                     f"({window.get('augment', '?')} augmentation, {window['validation_size']} "
+                     f"validation images held out of every candidate's pool); "
+                     f"{window['start']['why']}.")
+    notes += [f"**WARNING: {w}**" for w in warn_at_chance(
+        {"experts": {k: e for k, e in manifest["experts"].items()
+                     if int(k) < cfg.experts.num_experts}}, ExpertStore(cfg).dir)]
     return notes
 
 
 def run_pipeline(cfg: RunConfig, *, workers: int | None = None, ray_address: str | None = None,
                  command: str | None = None) -> str:
-    """Run every stage (holding the run directory's lock); returns the report URL."""
+    """Make every artifact that is not fresh (holding the run directory's lock); returns the
+    report URL."""
     storage.check_writable(cfg.run_dir)
     with run_dir_lock(cfg.run_dir, command or "selmatch run"):
         return _run_pipeline(cfg, workers=workers, ray_address=ray_address, command=command)
@@ -90,24 +91,38 @@ def _run_pipeline(cfg: RunConfig, *, workers: int | None, ray_address: str | Non
                   command: str | None) -> str:
     ds = load_configured(cfg.data)
     run_experts(cfg, workers=workers, ray_address=ray_address)  # checks its manifest first
-    ensure_scores(cfg)
-    rows = chosen(cfg)
-    if "topk" in rows:
-        ensure_scores(topk_config(cfg))
-    window = stage_window(cfg, ds) if "window" in rows else None
-    reference = ReferenceCache(cfg, ds)
-    for rep in repetitions(cfg):
-        for name in rows:
-            if METHODS[name].made_by == "selection" and METHODS[name].synset == name:
-                stage_selection(rep, cfg, name, ds, window["best_beta"] if window else None)
-        for synset in synsets_needed(cfg):
-            if synset in DISTILLED:
-                stage_distill(rep, cfg, synset)
-    stage_evaluate([(rep, name) for rep in repetitions(cfg) for name in rows], cfg, ds, reference,
-                   workers=workers, ray_address=ray_address)
+    check = Freshness(cfg, ds)
+    evaluations = []
+    for ref in refs_of(cfg):
+        if ref.kind == "scores":
+            ensure_scores(check, ref.name)
+        elif ref.kind == "window":
+            stage_window(check, ds)
+        elif ref.kind == "selection":
+            stage_selection(check, ref, ds)
+        elif ref.kind == "set":
+            stage_distill(check, ref, ds)
+        elif ref.kind == "evaluation":
+            evaluations.append(ref)
+        elif ref.kind == "tuned" and not check.status(ref).fresh:  # selmatch tune makes it
+            raise MissingStagesError("run", [(ref, check.status(ref))])
+    stage_evaluate(check, evaluations, ds, ReferenceCache(check, ds), workers=workers,
+                   ray_address=ray_address)
     save_config(cfg)
+    return stage_report(check, ds, command)
+
+
+def stage_report(check: Freshness, ds, command: str | None) -> str:
+    """``report.md`` and ``results.json``, rewritten when an input or the config changed."""
+    cfg, ref = check.cfg, Ref("report")
+    url = storage.join(cfg.run_dir, "report.md")
+    if check.status(ref).fresh and storage.exists(url):
+        log.info("report: present and fresh, skipped: %s", url)
+        return url
+    made = check.wanted(ref)
     url = write_report(cfg, title=f"selmatch report: {cfg.data.name}, IPC {cfg.select.ipc}",
-                       config_text=dump_yaml(cfg), notes=_notes(cfg, ds, window), command=command)
+                       config_text=dump_yaml(cfg), notes=_notes(cfg, ds, check), command=command,
+                       stamp={"stamp": digest(made), "made_of": made})
     log.info("report: %s", url)
     return url
 
@@ -115,52 +130,49 @@ def _run_pipeline(cfg: RunConfig, *, workers: int | None, ray_address: str | Non
 def cmd_window(args, overrides: list[str]) -> int:
     """``selmatch window``: the β grid search and the best-window set at the chosen β."""
     cfg = load_config(args.config, overrides)
-    require_stages(cfg, "window")
-    storage.check_writable(cfg.run_dir)
+    check_not_busy(cfg.run_dir)
     ds = load_configured(cfg.data)
-    load_scores(cfg.run_dir, cfg.scores.kind)  # checked before anything is written
+    check = Freshness(cfg, ds)
+    check.require("window")
+    storage.check_writable(cfg.run_dir)
     with run_dir_lock(cfg.run_dir, "selmatch window"):
         save_config(cfg)
-        window = stage_window(cfg, ds)
-        stage_selection(cfg, cfg, "window", ds, window["best_beta"])
-    print(storage.join(cfg.run_dir, "window", "results.json"))
+        stage_window(check, ds)
+        stage_selection(check, Ref("selection", "window", cfg.seed), ds)
+    print(url_of(cfg, Ref("window")))
     return 0
 
 
-def _window_beta(cfg: RunConfig) -> float | None:
-    """The β the window search chose (verified results), or None without a search."""
-    url = storage.join(cfg.run_dir, "window", "results.json")
-    if not storage.exists(url):
-        return None
-    return integrity.read_json(url, fix="run `selmatch window --config F` again")["best_beta"]
-
-
 def cmd_evaluate(args, overrides: list[str]) -> int:
-    """``selmatch evaluate``: evaluate every chosen row whose set is present in ``synset/``."""
+    """``selmatch evaluate``: evaluate every chosen row whose set is present (and fresh)."""
     cfg = load_config(args.config, overrides)
-    require_stages(cfg, "evaluate")
-    names = [m for m in chosen(cfg) if storage.exists(
-        storage.join(cfg.run_dir, "synset", f"{METHODS[m].synset}.pt"))]
-    if not names:
-        raise FileNotFoundError(f"no synthetic sets in {storage.join(cfg.run_dir, 'synset')}; "
-                                f"create them with `selmatch distill` or `selmatch run`")
-    storage.check_writable(cfg.run_dir)
+    check_not_busy(cfg.run_dir)
+    check = Freshness(cfg)
+    check.require("evaluate")
+    present = present_sets(cfg)
+    if not present:
+        raise FileNotFoundError(f"no synthetic sets of the chosen rows in "
+                                f"{storage.join(cfg.run_dir, 'synset')}; create them with "
+                                f"`selmatch distill` or `selmatch run`")
     # the freshness rule of `selmatch run`: only sets this config would make are evaluated
-    require_fresh_sets(cfg, list(dict.fromkeys(METHODS[m].synset for m in names)),
-                       _window_beta(cfg))
+    problems = check.problems(present)
+    if problems:
+        raise MissingStagesError("evaluate", problems)
+    storage.check_writable(cfg.run_dir)
     ds = load_configured(cfg.data)
+    check.ds = ds
+    refs = [Ref("evaluation", row, cfg.seed) for row in chosen_rows(cfg)
+            if set_ref(row, cfg.seed) in present]
     with run_dir_lock(cfg.run_dir, "selmatch evaluate"):
         save_config(cfg)
-        stage_evaluate([(cfg, name) for name in names], cfg, ds, ReferenceCache(cfg, ds),
-                       workers=args.workers, ray_address=args.ray_address)
-    for name in names:
-        print(storage.join(cfg.run_dir, "eval", f"{name}.json"))
+        stage_evaluate(check, refs, ds, ReferenceCache(check, ds), workers=args.workers,
+                       ray_address=args.ray_address)
+    for ref in refs:
+        print(url_of(cfg, ref))
     return 0
 
 
 def cmd_run(args, overrides: list[str]) -> int:
-    if args.seeds:
-        overrides = [*overrides, f"--seeds=[{', '.join(map(str, args.seeds))}]"]
     cfg = load_config(args.config, overrides)
     log_summary(cfg, ranks=1, device=device_for())
     command = "selmatch " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -23,3 +23,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
     return True
+
+
+def run_limited(task, calls: list[tuple], on_done, *, limit: int | None = None) -> None:
+    """Submit ``task.remote(*args)`` for every ``args`` of ``calls``, at most ``limit`` running
+    at once (None: all), and call ``on_done(args, result)`` in this process as each finishes
+    (the order they finish in). The one queue loop of the Ray launchers."""
+    import ray
+
+    queue, running = list(calls), {}
+    limit = limit or len(calls) or 1
+    while queue or running:
+        while queue and len(running) < limit:
+            args = queue.pop(0)
+            running[task.remote(*args)] = args
+        finished, _ = ray.wait(list(running), num_returns=1)
+        args = running.pop(finished[0])
+        on_done(args, ray.get(finished[0]))

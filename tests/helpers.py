@@ -127,13 +127,15 @@ def float64_references(model: torch.nn.Module, images: torch.Tensor, labels: tor
 
 def float32_errors(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    target64: torch.Tensor, plans: list, starts: list[torch.Tensor],
-                   references: list[list[MatchResult]], compile: str):
+                   references: list[list[MatchResult]], compile: str,
+                   backend: str = "inductor"):
     """(image, lr, path): per plan, the relative error of the float32 matching gradients at each
     start against its :func:`float64_references`, and the path that ran (its first-call check may
-    have dropped the compiled one). Inner lr 0.01; ``compile`` is ``distill.compile``."""
+    have dropped the compiled one). Inner lr 0.01; ``compile`` is ``distill.compile``,
+    ``backend`` the compiled path's torch.compile backend."""
     student = Student.of(copy.deepcopy(model).float(), None, torch.float32, "cpu",
-                         compile=compile)
-    if (student.steps.name == "compiled") != (compile == "on"):
+                         compile=compile, backend=backend)
+    if student.steps.name.startswith("compiled") != (compile == "on"):
         raise RuntimeError(f"distill.compile {compile} ran {student.steps.name}")
     image, lr = [[] for _ in plans], [[] for _ in plans]
     for k, st in enumerate(starts):
@@ -187,3 +189,16 @@ def killed_at(iteration: int) -> contextlib.AbstractContextManager:
             raise KeyboardInterrupt("killed")
         return real(self, it)
     return replaced_step(wrap)
+
+
+def protocol(info=None, *, epochs: int, augment: str = "combined", **eval_fields):
+    """An evaluation :class:`~distill.evaluate.Protocol` from ``eval.*`` fields (a ConvNet by
+    default; not validated, so that tests can pass what validation refuses), on a dataset with
+    ``info``'s normalisation (default digits)."""
+    from distill.config_io import from_dict
+    from distill.data import get_info
+    from distill.evaluate import Protocol
+
+    cfg = from_dict({"eval": {"model": "convnet", **eval_fields}}, check=False)
+    return Protocol.of(cfg, info or get_info("digits"), epochs=epochs, augment=augment)
+

@@ -33,7 +33,8 @@ import torch.multiprocessing as mp
 
 from distill.config_io import load_config
 from distill.data import load_configured
-from distill.distiller import Distiller, initial_set, run_distill
+from distill.distiller import Distiller, initial_set
+from launch.distillation import run_distill
 from distill.matching import LOCAL
 from distill.synset import load_synset
 from helpers import matching_problem, rel  # noqa: F401 (rel: used by the rank tests)
@@ -120,12 +121,15 @@ def cfg_for(run_dir, **distill):
                                          "log_every": 100, **distill})
 
 
-def run_distiller(run_dir, dtype, comm=LOCAL, is_main=True, perturb_at=None, **distill_cfg):
-    """Run the Distiller directly; ``perturb_at``: nudge this rank's images after that step."""
+def run_distiller(run_dir, dtype, comm=LOCAL, is_main=True, perturb_at=None,
+                  backend="inductor", **distill_cfg):
+    """Run the Distiller directly; ``perturb_at``: nudge this rank's images after that step;
+    ``backend``: the compiled path's torch.compile backend."""
     cfg = cfg_for(run_dir, **distill_cfg)
     ds = load_configured(cfg.data)
     synset = initial_set(cfg, ds).to("cpu", dtype)
-    distiller = Distiller(cfg, ds, synset, ExpertStore(cfg), comm=comm, is_main=is_main)
+    distiller = Distiller(cfg, ds, synset, ExpertStore(cfg), comm=comm, is_main=is_main,
+                          backend=backend)
     if perturb_at is not None:
         real_step = distiller.step
 
@@ -151,7 +155,8 @@ TINY = ["--seed", "5", "--data.train_per_class", "30", "--model.width", "8", "--
         "--experts.lr", "0.05", "--experts.batch_size", "32",
         "--distill.max_start_epoch", "2", "--distill.expert_epochs", "1",
         "--distill.syn_steps", "3", "--distill.batch_syn", "20", "--distill.bn_group", "10",
-        "--distill.iterations", "4", "--distill.checkpoint_every", "2", "--distill.log_every", "2"]
+        "--distill.iterations", "4", "--distill.checkpoint_every", "2", "--distill.log_every", "2",
+        "--select.beta", "0.2", "--select.init", "window"]  # a pinned start: no window search
 
 
 def run_recipe(run_dir: Path, *extra: str, timeout: float = 600.0) -> str:

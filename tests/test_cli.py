@@ -109,7 +109,8 @@ def test_window_and_evaluate_commands(tmp_path, capsys):
     record = storage.read_json(f"{tmp_path}/eval/window.json")
     assert record["runs"] == 1 and record["epochs"] == 2 and record["coverage"] is not None
     assert main(["evaluate", "--config", str(path), "--run_dir", str(tmp_path / "empty")]) == 2
-    assert "missing earlier stages (3) of selmatch evaluate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing earlier stages (1) of selmatch evaluate" in err and "- experts: missing" in err
 
 
 def test_diverged_distillation_exits_1_with_message(tmp_path, capsys, monkeypatch):
@@ -148,13 +149,13 @@ EXITS = [
 
 
 def _entry_points():
-    import distill.main as distill_main
+    import launch.distillation as distill_entry  # what distill/main.py runs
     import tune.main as tune_main
 
     return [("selmatch tune", lambda: main(["tune", "--config", QUICK, "--no-ray"])),
             ("tune", lambda: tune_main.main(["--config", QUICK, "--no-ray"])),
             ("selmatch distill", lambda: main(["distill", "--config", QUICK])),
-            ("distill", lambda: distill_main.main(["--config", QUICK, "--cpu"]))]
+            ("distill", lambda: distill_entry.main(["--config", QUICK, "--cpu"]))]
 
 
 @pytest.mark.parametrize("make,status,message", EXITS,
@@ -163,30 +164,28 @@ def test_every_entry_point_maps_an_exception_the_same_way(make, status, message,
                                                           capsys):
     """Once a RuntimeError exited 1 with a message under ``python -m tune`` and escaped as
     a traceback under ``selmatch tune``; distill/main.py had a third map. One map now."""
-    import distill.main as distill_main
+    import launch.distillation as distill_entry
     import tune.main as tune_main
 
     def fail(*args, **kwargs):
         raise make()
 
     monkeypatch.setattr(tune_main, "run_tune", fail)
-    monkeypatch.setattr(distill_main, "run_distill", fail)
-    monkeypatch.setattr(distill_main, "require_stages", lambda *a, **k: None)
+    monkeypatch.setattr(distill_entry, "distill_set", fail)
     for prog, call in _entry_points():
         assert call() == status, prog
         assert f"{prog}: {message}" in capsys.readouterr().err, prog
 
 
 def test_an_unmapped_exception_keeps_its_traceback(monkeypatch):
-    import distill.main as distill_main
+    import launch.distillation as distill_entry
     import tune.main as tune_main
 
     def fail(*args, **kwargs):
         raise TypeError("a bug")
 
     monkeypatch.setattr(tune_main, "run_tune", fail)
-    monkeypatch.setattr(distill_main, "run_distill", fail)
-    monkeypatch.setattr(distill_main, "require_stages", lambda *a, **k: None)
+    monkeypatch.setattr(distill_entry, "distill_set", fail)
     for prog, call in _entry_points():
         with pytest.raises(TypeError, match="a bug"):
             call()

@@ -10,10 +10,12 @@ import shutil
 import pytest
 import torch
 
-from distill import storage
+from distill import integrity, storage
 from distill.config import syn_lr_init
 from distill.data import load_configured
-from distill.distiller import DivergenceError, Distiller, initial_set, run_distill
+from distill.distiller import DivergenceError, Distiller, initial_set
+from distill.methods import method_name
+from launch.distillation import run_distill
 from distill.matching import make_plan
 from helpers import match_unrolled, replaced_step
 from distill.scores import load_scores
@@ -79,7 +81,7 @@ def test_alpha_one_random_init_is_plain_mtt(prepared, tmp_path):
     synset = initial_set(cfg, ds).to("cpu", torch.float64)
     assert synset.is_distilled.all() and len(synset.selected) == 0
     distiller = Distiller(cfg, ds, synset, ExpertStore(cfg))
-    assert distiller.method == "mtt"
+    assert method_name(cfg) == "mtt" and not distiller.merge
 
     images = synset.images().detach().clone()
     lr = synset.syn_lr.detach().clone()
@@ -111,7 +113,7 @@ def test_resume_is_bitwise(prepared, tmp_path):
 
     part = fresh(prepared, tmp_path / "part", distill={"iterations": 6, "checkpoint_every": 2})
     distill_killed_at(part, 5)
-    assert storage.torch_load(f"{part.run_dir}/checkpoints/selmatch.pt")["iteration"] == 4
+    assert integrity.torch_load(f"{part.run_dir}/checkpoints/selmatch.pt", fix="-")["iteration"] == 4
     run_distill(part, resume=True, progress=False)
     _, got = load_synset(part.run_dir, "selmatch")
     assert torch.equal(got["images"], want["images"])
@@ -141,7 +143,7 @@ def test_divergence_stops_with_clear_error_and_keeps_checkpoint(prepared, tmp_pa
     with replaced_step(poison), pytest.raises(DivergenceError,
                                               match="not finite at iteration 3.*lr_images"):
         run_distill(cfg, progress=False)
-    ckpt = storage.torch_load(f"{cfg.run_dir}/checkpoints/selmatch.pt")
+    ckpt = integrity.torch_load(f"{cfg.run_dir}/checkpoints/selmatch.pt", fix="-")
     assert ckpt["iteration"] == 2 and torch.isfinite(ckpt["distilled"]).all()
     assert not storage.exists(f"{cfg.run_dir}/synset/selmatch.pt")
 

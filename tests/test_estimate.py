@@ -219,7 +219,7 @@ def test_cli_warns_and_suggests_a_group(capsys):
 
 
 def test_distill_logs_the_summary(tmp_path, caplog):
-    from distill.distiller import run_distill
+    from launch.distillation import run_distill
     from tiny import prepare, tiny_config
 
     cfg = prepare(tiny_config(tmp_path, distill={"iterations": 1}))

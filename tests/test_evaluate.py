@@ -23,6 +23,14 @@ from distill.evaluate import (
 )
 from distill.experts import el2n_scores
 from distill.models import build_model
+from helpers import protocol
+
+
+def run_config(**eval_fields):
+    """A run config evaluating with a ConvNet and these ``eval.*`` fields (the rest: defaults)."""
+    from distill.config_io import from_dict
+
+    return from_dict({"eval": {"model": "convnet", **eval_fields}})
 
 # The default-width ConvNet costs ~0.1 s per step of 128 digits on 2 idle cores (12 steps an
 # epoch). Without augmentation it reaches ~96% after 2 epochs, ~98% after 3 (crop with pad 4
@@ -44,8 +52,8 @@ def synthetic():
 @pytest.fixture(scope="module")
 def expert(digits):
     """A ConvNet trained on the full digits training set (the Reference's expert)."""
-    return train_network(digits.x_train, digits.y_train, num_classes=10, model="convnet",
-                         epochs=EXPERT_EPOCHS, augment="none", seed=0)
+    return train_network(digits.x_train, digits.y_train, num_classes=10, seed=0,
+                         protocol=protocol(digits.info, epochs=EXPERT_EPOCHS, augment="none"))
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +148,8 @@ def test_combined_augment_routes_rows_by_is_distilled(monkeypatch):
     labels = torch.arange(24) % 3
     is_distilled = torch.rand(24, generator=gen) < 0.5
     seen = _record_augment_rows(monkeypatch)
-    train_network(images, labels, num_classes=3, model="convnet", epochs=2, batch_size=8,
-                  augment="combined", is_distilled=is_distilled, seed=1)
+    train_network(images, labels, num_classes=3, is_distilled=is_distilled, seed=1,
+                  protocol=protocol(epochs=2, batch_size=8, augment="combined"))
     to_dsa, to_simple = _source_rows(seen["dsa"], images), _source_rows(seen["simple"], images)
     # every row of every step went to exactly one of the two, chosen by its own is_distilled
     assert len(to_dsa) + len(to_simple) == 2 * 24
@@ -152,23 +160,23 @@ def test_combined_augment_routes_rows_by_is_distilled(monkeypatch):
 def test_combined_without_mask_is_crop_flip_only(monkeypatch):
     images = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     seen = _record_augment_rows(monkeypatch)
-    train_network(images, torch.arange(16) % 2, num_classes=2, model="convnet", epochs=1,
-                  batch_size=8, augment="combined", is_distilled=None)
+    train_network(images, torch.arange(16) % 2, num_classes=2, is_distilled=None,
+                  protocol=protocol(epochs=1, batch_size=8, augment="combined"))
     assert not seen["dsa"] and len(_source_rows(seen["simple"], images)) == 16
 
 
 def test_train_network_validates_inputs():
     x, y = torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
     with pytest.raises(ValueError, match="unknown augment 'bogus'; valid: combined, dsa"):
-        train_network(x, y, num_classes=2, model="convnet", epochs=1, augment="bogus")
+        train_network(x, y, num_classes=2, protocol=protocol(epochs=1, augment="bogus"))
     with pytest.raises(ValueError, match="is_distilled must be \\[N\\]") as err:
-        train_network(x, y, num_classes=2, model="convnet", epochs=0,
+        train_network(x, y, num_classes=2, protocol=protocol(epochs=0),
                       is_distilled=torch.zeros(3, dtype=torch.bool))
     assert "epochs must be an integer >= 1, got 0" in str(err.value)  # all problems at once
     with pytest.raises(ValueError, match="labels must be in 0..0"):
-        train_network(x, y, num_classes=1, model="convnet", epochs=1)
+        train_network(x, y, num_classes=1, protocol=protocol(epochs=1))
     with pytest.raises(ValueError, match="unknown model"):
-        train_network(x, y, num_classes=2, model="nope", epochs=1)
+        train_network(x, y, num_classes=2, protocol=protocol(epochs=1, model="nope"))
 
 
 def test_last_single_sample_joins_previous_batch():
@@ -178,8 +186,8 @@ def test_last_single_sample_joins_previous_batch():
 
 
 def test_same_seed_same_network_other_seed_differs(synthetic):
-    kw = dict(num_classes=3, model="convnet", epochs=2, batch_size=32, augment="combined",
-              is_distilled=torch.arange(60) % 2 == 0)
+    kw = dict(num_classes=3, is_distilled=torch.arange(60) % 2 == 0,
+              protocol=protocol(synthetic.info, epochs=2, batch_size=32, augment="combined"))
     a = train_network(synthetic.x_train, synthetic.y_train, seed=5, **kw)
     b = train_network(synthetic.x_train, synthetic.y_train, seed=5, **kw)
     c = train_network(synthetic.x_train, synthetic.y_train, seed=6, **kw)
@@ -194,9 +202,9 @@ def test_same_seed_same_network_other_seed_differs(synthetic):
 
 
 def test_full_digits_training_set_reaches_90_percent(digits, reference):
-    result = evaluate_images(digits.x_train, digits.y_train, digits, model="convnet",
-                             epochs=EVAL_EPOCHS, runs=1, augment="none", seed=0,
-                             reference=reference, progress=False)
+    cfg = run_config(epochs=EVAL_EPOCHS, runs=1)
+    result = evaluate_images(cfg, digits, digits.x_train, digits.y_train, augment="none",
+                             seed=0, reference=reference, progress=False)
     assert result.accuracies[0] > 0.90
     assert result.easy_acc > result.hard_acc
     assert result.mean == pytest.approx((result.easy_acc + result.hard_acc) / 2, abs=0.01)
@@ -238,10 +246,10 @@ def test_reference_hooks_last_linear_of_other_networks(synthetic, name, dim):
 
 
 def test_evaluate_images_result_fields_and_determinism(synthetic):
-    kw = dict(model="convnet", epochs=2, runs=2, augment="dsa", batch_size=32, seed=3,
-              progress=False)
-    result = evaluate_images(synthetic.x_train, synthetic.y_train, synthetic, **kw)
-    again = evaluate_images(synthetic.x_train, synthetic.y_train, synthetic, **kw)
+    cfg = run_config(epochs=2, runs=2, batch_size=32)
+    kw = dict(augment="dsa", seed=3, progress=False)
+    result = evaluate_images(cfg, synthetic, synthetic.x_train, synthetic.y_train, **kw)
+    again = evaluate_images(cfg, synthetic, synthetic.x_train, synthetic.y_train, **kw)
     assert result.accuracies == again.accuracies
     assert len(result.accuracies) == 2 and all(0 <= a <= 1 for a in result.accuracies)
     n = len(synthetic.y_test)  # each accuracy is a count of test samples
@@ -257,8 +265,8 @@ def test_evaluate_images_result_fields_and_determinism(synthetic):
 
 def test_evaluate_images_rejects_foreign_reference(synthetic, reference):
     with pytest.raises(ValueError, match="build the Reference on this dataset"):
-        evaluate_images(synthetic.x_train, synthetic.y_train, synthetic, model="convnet",
-                        epochs=1, runs=1, reference=reference, progress=False)
+        evaluate_images(run_config(epochs=1, runs=1), synthetic, synthetic.x_train,
+                        synthetic.y_train, reference=reference, progress=False)
 
 
 def test_evaluate_sets_takes_every_setting_from_the_config(monkeypatch, synthetic):
@@ -279,14 +287,12 @@ def test_evaluate_sets_takes_every_setting_from_the_config(monkeypatch, syntheti
     sets = {"a": ev.ImageSet(images, synthetic.y_train[:18], None, augment="simple")}
     res = ev.evaluate_sets(cfg, synthetic, sets, progress=False)["a"]
     assert len(calls) == 4 and [c["run"] for c in calls] == [0, 1, 2, 3]
-    first = calls[0]
-    assert (first["model"], first["epochs"], first["augment"], first["seed"]) == (
-        "convnet", 167, "simple", 7)
-    assert (first["lr"], first["momentum"], first["weight_decay"], first["batch_size"]) == (
-        0.05, 0.8, 1e-4, 64)
-    assert (first["width"], first["depth"], first["norm"]) == (16, 2, "batch")  # the model's
-    assert first["real"].flip is False  # synthetic data is not flip-invariant
-    assert torch.allclose(first["real"].fill, torch.tensor([-m / s for m, s in zip(
+    first, p = calls[0], calls[0]["protocol"]
+    assert (p.model, p.epochs, p.augment, first["seed"]) == ("convnet", 167, "simple", 7)
+    assert (p.lr, p.momentum, p.weight_decay, p.batch_size) == (0.05, 0.8, 1e-4, 64)
+    assert (p.width, p.depth, p.norm) == (16, 2, "batch")  # the model's
+    assert p.real.flip is False  # synthetic data is not flip-invariant
+    assert torch.allclose(p.real.fill, torch.tensor([-m / s for m, s in zip(
         synthetic.info.mean, synthetic.info.std)]))  # black: pixel 0
     assert (res.width, res.depth, res.flip, res.crop_fill) == (16, 2, False, "black")
     calls.clear()
@@ -294,6 +300,7 @@ def test_evaluate_sets_takes_every_setting_from_the_config(monkeypatch, syntheti
         cfg.eval, model="resnet18", epochs=11, flip=True, crop_fill="mean"))
     res = ev.evaluate_sets(other, synthetic, {"a": dataclasses.replace(sets["a"], augment="dsa")},
                            progress=False)["a"]
-    assert calls[0]["epochs"] == 11 and (calls[0]["width"], calls[0]["norm"]) == (128, "batch")
-    assert calls[0]["real"].flip is True and calls[0]["real"].fill is None
+    p = calls[0]["protocol"]
+    assert p.epochs == 11 and (p.width, p.norm) == (128, "batch")
+    assert p.real.flip is True and p.real.fill is None
     assert res.flip is None and res.crop_fill is None  # DSA has no crop + flip part

@@ -121,7 +121,7 @@ def test_truncated_expert_file_is_named(tmp_path):
     with pytest.raises(ValueError, match="expert_0000.pt.*truncated"):
         store.load(0)
     path.write_bytes(data[:-8] + b"\x00" * 8)  # same size, different bytes
-    with pytest.raises(ValueError, match="expert_0000.pt.*checksum"):
+    with pytest.raises(ValueError, match="expert_0000.pt.*sha256 differs"):
         store.load(0)
 
 
@@ -144,7 +144,7 @@ def test_scores_from_experts_and_roundtrip(tmp_path):
     run_experts(cfg, workers=0, progress=False)
     experts = ExpertStore(cfg).load_all()
     ds = load_configured(cfg.data)
-    forget = compute_scores(cfg, ds)
+    forget = compute_scores(cfg, ds, ExpertStore(cfg).load_all())
     assert forget.kind == "forgetting" and forget.hard_end == "high"
     expected = np.mean([forgetting_counts(e.correct).numpy() for e in experts], axis=0)
     np.testing.assert_allclose(forget.values, expected)

@@ -12,7 +12,6 @@ import logging
 import pytest
 import torch
 
-from distill import student as student_mod
 from distill.functional import functional_convnet
 from distill.matching import match_replay
 from distill.student import FastSteps
@@ -25,16 +24,12 @@ CASES = (4, 3)  # |b| / g with g = 2: two groups per rank, and an uneven 2 + 1 s
 
 def fast_problem(groups: int, backend: str):
     student, *rest = match_problem(groups)
-    old, student_mod._BACKEND = student_mod._BACKEND, backend
-    try:
-        student.steps = FastSteps(functional_convnet(student.model), student.dsa, student.steps)
-    finally:
-        student_mod._BACKEND = old
+    student.steps = FastSteps(functional_convnet(student.model), student.dsa, student.steps,
+                              backend=backend)
     return (student, *rest)
 
 
 def _fast_scenarios(rt, run_dir: str, backend: str, cases: tuple[int, ...]) -> dict:
-    student_mod._BACKEND = backend
     out: dict = {}
     for groups in cases:
         args = fast_problem(groups, backend)
@@ -42,7 +37,7 @@ def _fast_scenarios(rt, run_dir: str, backend: str, cases: tuple[int, ...]) -> d
         out[f"match_{groups}"] = (res.loss, res.grad_images, res.grad_lr)
         out[f"path_{groups}"] = args[0].steps.name
     out["distill"] = run_distiller(run_dir, torch.float64, comm=rt, is_main=rt.is_main,
-                                   compile="on")
+                                   backend=backend, compile="on")
     return out
 
 
@@ -82,12 +77,10 @@ def test_compiled_fast_path_two_ranks_equals_one_process(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_distiller_fast_path_equals_eager_five_iterations(prepared, monkeypatch, caplog,
-                                                          backend):
-    monkeypatch.setattr(student_mod, "_BACKEND", backend)
+def test_distiller_fast_path_equals_eager_five_iterations(prepared, caplog, backend):
     ref, lr_ref = run_distiller(prepared, torch.float64)
     with caplog.at_level(logging.INFO, logger="distill.student"):
-        got, lr_got = run_distiller(prepared, torch.float64, compile="on")
+        got, lr_got = run_distiller(prepared, torch.float64, backend=backend, compile="on")
     assert "compiled the replay step" in caplog.text and "unavailable" not in caplog.text
     assert rel(got, ref) <= 1e-10 and abs(float(lr_got - lr_ref)) <= 1e-10 * abs(float(lr_ref))
     assert rel(got, run_distiller(prepared, torch.float64, iterations=1)[0]) > 1e-6  # not vacuous

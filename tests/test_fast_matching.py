@@ -9,7 +9,6 @@ about a minute per compiled shape on 2 cores, so one shape runs by default and t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import pytest
@@ -36,21 +35,9 @@ def problem(*, group=6, batch=6, steps=3, families=FAMILIES, norm="batch", depth
 def students(model, dsa, backend, **fast):
     eager = Student.of(model, dsa, DT, "cpu", compile="off")
     fast_student = Student.of(model, dsa, DT, "cpu", compile="off")
-    with compile_backend(backend):
-        fast_student.steps = FastSteps(functional_convnet(model), dsa, fast_student.steps,
-                                       **fast)
+    fast_student.steps = FastSteps(functional_convnet(model), dsa, fast_student.steps,
+                                   backend=backend, **fast)
     return eager, fast_student
-
-
-@contextlib.contextmanager
-def compile_backend(backend: str):
-    """The fast path compiled with ``backend``: "eager" is dynamo's capture without code
-    generation (seconds), "inductor" the product's."""
-    old, student_mod._BACKEND = student_mod._BACKEND, backend
-    try:
-        yield
-    finally:
-        student_mod._BACKEND = old
 
 
 def assert_same(a, b, tol=1e-10):
@@ -179,8 +166,7 @@ def test_a_three_percent_miscompile_is_caught_in_float32(caplog):
     result 3% off is dropped, although it is within the TF32 tolerance."""
     model, dsa, *args32 = matching_problem(dtype=torch.float32, iteration=3, student=False)
     fast = Student.of(model, dsa, torch.float32, "cpu", compile="off")
-    with compile_backend("eager"):
-        fast.steps = FastSteps(functional_convnet(model), dsa, fast.steps)
+    fast.steps = FastSteps(functional_convnet(model), dsa, fast.steps, backend="eager")
     good = fast.steps._replay
     fast.steps._replay = lambda *a: tuple(t * 1.03 for t in good(*a))
     with caplog.at_level(logging.WARNING, logger="distill.student"):

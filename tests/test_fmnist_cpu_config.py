@@ -75,7 +75,7 @@ def test_the_config_runs_end_to_end_scaled_down(tmp_path, capsys):
     results = json.loads((run_dir / "results.json").read_text())
     methods = results["methods"]  # every row of the paper's comparison, 1 seed x 1 network
     assert set(methods) == {"random", "topk", "window", "init", "mtt", "init_full",
-                            "selmatch_dsa", "selmatch"}
+                            "selmatch_dsa", "selmatch", "random_partial"}
     assert all(m["n"] == 1 and 0 <= m["mean"] <= 1 for m in methods.values())
     assert methods["selmatch"]["n_distilled"] == 10  # alpha 0.5 of the 20 images
     report = (run_dir / "report.md").read_text()

@@ -59,7 +59,7 @@ def test_tensorboard_sink_on_an_fsspec_url(tmp_path):
 
 
 def test_distill_and_evaluate_write_event_files(tmp_path, capsys):
-    from distill.distiller import run_distill
+    from launch.distillation import run_distill
     from tiny import prepare, tiny_config
 
     cfg = prepare(tiny_config(tmp_path, metrics={"tensorboard": True},
@@ -88,18 +88,22 @@ def test_distill_and_evaluate_write_event_files(tmp_path, capsys):
 
 def test_resumed_distillation_shows_each_step_once(tmp_path):
     """Killed after logging step 5 with the checkpoint at 4, then resumed: the JSONL log and
-    TensorBoard each hold steps 1..6 once, with the values of the resumed session."""
+    TensorBoard each hold steps 1..6 once, with the values of the resumed session.
+
+    What a kill may lose (docs/running.md): metrics are flushed with every checkpoint, so steps
+    up to the checkpoint are on storage; a step logged after it (5) may or may not be, as the
+    TensorBoard writer flushes on its own schedule, and is logged again by the resumed run."""
     import torch
 
-    from distill.distiller import run_distill
+    from launch.distillation import run_distill
     from tiny import distill_killed_at, prepare, tiny_config
 
     cfg = prepare(tiny_config(tmp_path, metrics={"tensorboard": True},
                               distill={"iterations": 6, "checkpoint_every": 2, "log_every": 1}))
     distill_killed_at(cfg, 5)  # in the 6th iteration
-    assert torch.load(f"{tmp_path}/checkpoints/selmatch.pt", weights_only=False)["iteration"] == 4
+    assert torch.load(f"{tmp_path}/checkpoints/selmatch.pt")["iteration"] == 4
     tb = tmp_path / "tensorboard" / "distill_selmatch"
-    assert [s for s, _ in scalars(tb)["loss"]] == [1, 2, 3, 4, 5]  # step 5 logged, not saved
+    assert [s for s, _ in scalars(tb)["loss"]] in ([1, 2, 3, 4], [1, 2, 3, 4, 5])
     run_distill(cfg, resume=True, progress=False)
     logged = read_jsonl(f"{tmp_path}/logs/distill_selmatch.jsonl")
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]

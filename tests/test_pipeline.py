@@ -44,9 +44,10 @@ def test_report_has_every_paper_row(run):
     cfg, report, results = run
     assert set(results["methods"]) == set(PAPER_METHODS)
     for label in ("Random selection", "Top-k hardest (forgetting)", "Best window (validation β)",
-                  "SelMatch init alone", "MTT (random init, full update)",
-                  "Select init + full update", "Select init + partial update (DSA eval)",
-                  "SelMatch (combined augmentation)", "Ablation (the paper's Table 3)"):
+                  "SelMatch's start alone", "MTT (random init, full update)",
+                  "SelMatch's start + full update", "SelMatch's start + partial update (DSA eval)",
+                  "SelMatch (combined augmentation)", "Random start + partial update",
+                  "Ablation (the paper's Table 3)"):
         assert label in report
     assert "report_beta.png" in report and storage.exists(f"{cfg.run_dir}/report_beta.png")
     window = results["window"]
@@ -59,7 +60,8 @@ def test_each_row_is_evaluated_with_the_papers_augmentation(run):
     _, report, results = run
     got = {name: r["augment"] for name, r in results["methods"].items()}
     assert got == {"random": "dsa", "topk": "dsa", "window": "dsa", "init": "dsa", "mtt": "dsa",
-                   "init_full": "dsa", "selmatch_dsa": "dsa", "selmatch": "combined"}
+                   "init_full": "dsa", "selmatch_dsa": "dsa", "selmatch": "combined",
+                   "random_partial": "combined"}
     for r in results["methods"].values():  # every seed's record, not only the pooled row
         assert {rec["augment"] for rec in r["per_seed"]} == {r["augment"]}
     assert results["window"]["augment"] == "dsa"  # β trials: the rule of the window they score
@@ -139,7 +141,7 @@ def test_seeds_give_different_sets_and_the_report_counts_them(run):
 def test_second_run_redoes_nothing_and_changes_redo_exactly_what_is_stale(run, monkeypatch):
     cfg, _, _ = run
     calls = []
-    for module, name in ((stages, "window_search"), (stages, "run_distill")):
+    for module, name in ((stages, "window_search"), (stages, "distill_set")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _n=name, **k:
                             (calls.append(_n), _real(*a, **k))[1])

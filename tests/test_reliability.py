@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill import storage
+from distill import integrity, storage
 from distill.config import ConfigError, RunConfig, to_dict
 from distill.config_io import dump_yaml, from_dict
-from distill.distiller import DivergenceError, Distiller, run_distill
+from distill.distiller import DivergenceError, Distiller
+from launch.distillation import run_distill
 from distill.synset import load_synset
 from distill.trajectories import ExpertStore
 from launch.cli import main
@@ -61,7 +62,10 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 def test_longer_distillation_is_stale_and_continues_from_its_checkpoint(prepared, tmp_path,
                                                                         caplog):
-    from launch.stages import stage_distill
+    from launch.distillation import distill_set
+
+    def stage_distill(cfg, _, name):  # what selmatch run does for one set
+        distill_set(cfg, name, resume=True, restart_stale=True, progress=False)
 
     short = fresh(prepared, tmp_path / "r", distill={"iterations": 2, "checkpoint_every": 2})
     stage_distill(short, short, "selmatch")
@@ -80,58 +84,6 @@ def test_longer_distillation_is_stale_and_continues_from_its_checkpoint(prepared
     stage_distill(short, short, "selmatch")
     _, again = load_synset(short.run_dir, "selmatch")
     assert again["meta"]["iterations"] == 2 and not torch.equal(again["images"], got["images"])
-
-
-def _changed(cfg: RunConfig, dotted: str) -> RunConfig:
-    """``cfg`` with one field changed to another valid-looking value (types kept)."""
-    data = to_dict(cfg)
-    node = data
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node[p]
-    old = node[leaf]
-    node[leaf] = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 0.5 + 0.125,
-                  str: lambda v: v + "x", type(None): lambda v: 3}.get(type(old), lambda v: v)(old)
-    return from_dict(data, check=False)
-
-
-@pytest.mark.parametrize("stage, field, stale", [
-    ("distill", "distill.iterations", True),       # once ignored
-    ("distill", "distill.lr_images", True),
-    ("distill", "experts.lr", True),               # syn_lr's start
-    ("distill", "distill.log_every", False),
-    ("distill", "distill.num_threads", False),
-    ("distill_resume", "distill.iterations", False),
-    ("distill_resume", "distill.alpha", True),
-    ("window", "eval.epochs", True),
-    ("window", "eval.runs", False),                # the search trains 1 run per β
-    ("evaluate", "eval.runs", True),
-    ("evaluate", "distill.alpha", False),          # reached through the synset's sha256 instead
-    ("scores", "scores.kind", True),
-    ("expert", "experts.num_experts", False),
-    ("expert", "experts.epochs", True),
-    ("selection", "select.beta", True),
-])
-def test_each_stage_is_stale_exactly_when_a_field_it_depends_on_changes(tmp_path, stage, field,
-                                                                        stale):
-    from distill.freshness import stamp
-
-    cfg = tiny_config(tmp_path)
-    assert (stamp(cfg, stage) != stamp(_changed(cfg, field), stage)) == stale
-    # inputs (experts, scores, synset digests) count too
-    assert stamp(cfg, stage, inputs={"experts": "a"}) != stamp(cfg, stage, inputs={"experts": "b"})
-
-
-def test_every_stage_declares_fields_that_exist(tmp_path):
-    from distill.freshness import STAGES
-
-    tree = to_dict(tiny_config(tmp_path))
-    for name, spec in STAGES.items():
-        for dotted in spec.include + spec.exclude:
-            node = tree
-            for part in dotted.split("."):
-                assert part in node, f"stage {name}: {dotted} is not a config field"
-                node = node[part]
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +162,7 @@ def test_blow_up_keeps_the_last_good_checkpoint(prepared, tmp_path, monkeypatch)
     monkeypatch.setattr(Distiller, "step", _poisoned_step(3, scale=1e6))  # finite, far out
     with pytest.raises(DivergenceError, match="iteration 3.*max_image_ratio"):
         run_distill(cfg, progress=False)
-    ckpt = storage.torch_load(f"{tmp_path}/checkpoints/selmatch.pt")
+    ckpt = integrity.torch_load(f"{tmp_path}/checkpoints/selmatch.pt", fix="-")
     assert ckpt["iteration"] == 2 and float(ckpt["distilled"].abs().max()) < 10
     assert not storage.exists(f"{tmp_path}/synset/selmatch.pt")
 
@@ -220,7 +172,7 @@ def test_loss_far_above_its_start_stops_the_run(prepared, tmp_path, monkeypatch)
     monkeypatch.setattr(Distiller, "step", _poisoned_step(6, loss=1e4))
     with pytest.raises(DivergenceError, match="iteration 6.*loss 1e\\+04.*max_loss_ratio"):
         run_distill(cfg, progress=False)
-    assert storage.torch_load(f"{tmp_path}/checkpoints/selmatch.pt")["iteration"] == 6
+    assert integrity.torch_load(f"{tmp_path}/checkpoints/selmatch.pt", fix="-")["iteration"] == 6
 
 
 def test_expert_at_chance_is_reported_loudly(tmp_path, caplog):
@@ -385,10 +337,10 @@ def test_synset_file_without_its_keys_names_file_and_keys(prepared, tmp_path, ca
     cfg = fresh(prepared, tmp_path, eval={"model": "convnet", "runs": 1, "epochs": 1})
     from distill import integrity
 
-    integrity.torch_save(f"{tmp_path}/synset/window.pt", {"labels": torch.zeros(3)})
+    integrity.torch_save(f"{tmp_path}/synset/random.pt", {"labels": torch.zeros(3)})
     rc, err = run_cli(capsys, "evaluate", "--config", config_file(cfg, tmp_path / "c.yaml"))
     assert rc == 2
-    assert (f"{tmp_path}/synset/window.pt is damaged (missing key(s) images, is_distilled, "
+    assert (f"{tmp_path}/synset/random.pt is damaged (missing key(s) images, is_distilled, "
             f"source_index, syn_lr); re-create it with `selmatch run`") in err
 
 

@@ -76,18 +76,22 @@ def test_every_candidate_is_scored_on_the_same_validation_images(prepared, monke
 
 
 def test_run_and_tune_give_the_same_number_for_the_same_beta(prepared):
+    from distill.freshness import Freshness
     from launch.stages import stage_window
     from tune.main import run_tune
 
     cfg = prepared
-    window = stage_window(cfg, load_configured(cfg.data))
+    window = stage_window(Freshness(cfg), load_configured(cfg.data))
     summary = run_tune(cfg, use_ray=False)
     trials = read_jsonl(storage.join(cfg.run_dir, "tune", "beta", "trials.jsonl"))
-    both = [r for r in trials if f"{r['value']:g}" in window["points"]]
+    both = [r for r in trials if r["value"] is not None and f"{r['value']:g}" in window["points"]]
     assert both, "the two searches share no β"
     for rec in both:
         point = window["points"][f"{rec['value']:g}"]
         assert rec["metric"] == point["val_acc"] and rec["correct"] == point["correct"]
+    # and the random subset they both weigh the windows against
+    (ref,) = [r for r in trials if r.get("reference") == "random"]
+    assert ref["correct"] == window["references"]["random"]["correct"]
     assert summary["split"]["validation_size"] == window["validation_size"]
     text = storage.read_text(storage.join(cfg.run_dir, "tune", "selected.yaml"))
     assert "validation split: 30 training images (0.1 of each class, drawn from seed 3)" in text
@@ -273,6 +277,7 @@ def test_eval_flip_overrides_the_dataset_default():
 def test_alpha_trial_resumed_logs_each_step_once(tmp_path):
     from helpers import killed_at
     from tune.main import alpha_trial_dir
+    from distill.selection import Start
     from tune.trials import alpha_trial
     from test_metrics import scalars
 
@@ -284,10 +289,10 @@ def test_alpha_trial_resumed_logs_each_step_once(tmp_path):
     ctx = SearchContext(cfg, ds, load_scores(cfg.run_dir, "forgetting"))
     trial_dir = alpha_trial_dir(cfg, 0.5)
     with killed_at(5), pytest.raises(KeyboardInterrupt):
-        alpha_trial(ctx, 0.5, beta=0.2, trial_dir=trial_dir)
+        alpha_trial(ctx, 0.5, start=Start("window", 0.2), trial_dir=trial_dir)
     ckpt = torch.load(f"{trial_dir}/checkpoints/selmatch.pt", weights_only=False)
     assert ckpt["iteration"] == 4
-    out = alpha_trial(ctx, 0.5, beta=0.2, trial_dir=trial_dir)
+    out = alpha_trial(ctx, 0.5, start=Start("window", 0.2), trial_dir=trial_dir)
     logged = read_jsonl(f"{trial_dir}/logs/distill_selmatch.jsonl")
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     tb = scalars(tmp_path / "tune" / "alpha" / "trials" / "alpha_0.5000" / "tensorboard" /
@@ -312,11 +317,12 @@ def test_missing_stages_are_listed_at_once_with_the_users_arguments(tmp_path, ca
     assert main(["distill", *args]) == 2
     err = capsys.readouterr().err
     assert "missing earlier stages (2) of selmatch distill" in err
-    assert "- experts: no experts in" in err and "- scores: no forgetting scores in" in err
+    assert "- experts: missing: no experts in" in err
+    assert f"- scores forgetting: missing: {tmp_path}/fresh/scores/forgetting.npy" in err
     assert err.index(f"selmatch experts {tail}") < err.index(f"selmatch scores {tail}")
     assert f"selmatch run {tail}" in err
     assert not (tmp_path / "fresh").exists()  # nothing written
-    for command, n in (("scores", 1), ("tune", 2), ("window", 2), ("evaluate", 3)):
+    for command, n in (("scores", 1), ("tune", 2), ("window", 2), ("evaluate", 1)):
         assert main([command, *args]) == 2, command
         err = capsys.readouterr().err
         assert f"missing earlier stages ({n}) of selmatch {command}" in err, command

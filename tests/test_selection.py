@@ -115,8 +115,10 @@ def test_the_row_table_is_the_one_list_of_rows_and_sets():
 
     assert set(SYNSETS) == {m.synset for m in METHODS.values()}
     assert set(DISTILLED) == {m.synset for m in METHODS.values() if m.made_by == "distill"}
-    assert all((m.init in INITS) == (m.made_by == "selection") for m in METHODS.values())
-    cfg = RunConfig()
+    assert all((m.init in (*INITS, "start")) == (m.made_by == "selection")
+               for m in METHODS.values())
+    cfg = RunConfig()  # select.init auto: SelMatch's rows take the config's start
     assert {s: (distill_config(cfg, s).select.init, distill_config(cfg, s).distill.mode)
-            for s in DISTILLED} == {"selmatch": ("window", "joint"), "mtt": ("random", "joint"),
-                                    "init_full": ("window", "joint"), "merge": ("window", "merge")}
+            for s in DISTILLED} == {"selmatch": ("auto", "joint"), "mtt": ("random", "joint"),
+                                    "init_full": ("auto", "joint"), "merge": ("auto", "merge"),
+                                    "random_partial": ("random", "joint")}

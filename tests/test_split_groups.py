@@ -107,7 +107,7 @@ def test_group_ranks_must_divide_the_group_and_the_ranks(tmp_path):
     with pytest.raises(ConfigError, match=r"distill.group_ranks \(3\) must divide the BN group"):
         cfg_for(tmp_path, bn_group=4, group_ranks=3)
     plan = whole_groups_problem(1, 4)[-1]
-    with pytest.raises(ValueError, match=r"must divide the BN group size distill.bn_group \(4\)"):
+    with pytest.raises(ValueError, match=r"must divide the BN group size \(4, distill.bn_group or the batch\)"):
         rank_share(plan, 0, 3, 3)
     with pytest.raises(ValueError, match=r"must divide the number of ranks \(3\)"):
         rank_share(plan, 0, 3, 2)

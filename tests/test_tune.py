@@ -18,7 +18,8 @@ from distill.data import load_configured
 from distill.metrics import read_jsonl
 from distill.scores import load_scores
 from tiny import prepare, tiny_config
-from tune.main import TrialLog, _run_local, run_tune, selected_overrides
+from distill.config_io import tuned_overlay
+from tune.main import TrialLog, _run_local, run_tune
 from tune.search import HillClimb
 from distill.search import SearchContext, feasible_beta
 
@@ -29,15 +30,18 @@ def concave(peak: float):
     return lambda x: 1.0 - (x - peak) ** 2
 
 
-def drive(climb: HillClimb, f, *, shuffle: random.Random | None = None) -> list[float]:
-    """Run the climb to the end; with ``shuffle``, pending trials finish in random order."""
-    tried = []
+def drive(climb: HillClimb, f, *, shuffle: random.Random | None = None,
+          pending: list[float] | None = None) -> list[float]:
+    """Run the climb to the end; with ``shuffle``, pending trials finish in random order.
+    ``pending``: values suggested before (not yet observed)."""
+    tried, pending = [], list(pending or [])
     while not climb.finished:
         while (v := climb.suggest()) is not None:
             tried.append(v)
-        pending = climb.pending
+            pending.append(v)
         assert pending, "not finished, nothing to suggest and nothing pending: stuck"
         v = shuffle.choice(pending) if shuffle else pending[0]
+        pending.remove(v)
         climb.observe(v, f(v))
     assert len(tried) == len(set(tried)), f"a grid point was tried twice: {tried}"
     return tried
@@ -94,7 +98,7 @@ def test_bound_restricts_the_walk():
 def test_prior_start_is_snapped_to_the_grid():
     climb = HillClimb(GRID, start=0.72, max_in_flight=1)
     assert climb.suggest() == 0.7
-    drive(climb, concave(0.8))
+    drive(climb, concave(0.8), pending=[0.7])
     assert climb.best()[0] == 0.8 and len(climb.history) == 4  # 0.7, 0.6, 0.8, 0.9
 
 
@@ -178,7 +182,7 @@ def test_local_runner_records_exceptions_and_restarts_from_the_log(tmp_path):
             raise RuntimeError("out of memory")
         return {"val_acc": f(x), "seconds": 0.0}
 
-    log = TrialLog(url, "s1")
+    log = TrialLog(url, {"settings": 1})
     climb = HillClimb(GRID, max_in_flight=1)
     _run_local(climb, fn, log.record)
     recs = read_jsonl(url)
@@ -186,10 +190,10 @@ def test_local_runner_records_exceptions_and_restarts_from_the_log(tmp_path):
     assert "RuntimeError: out of memory" in next(r["error"] for r in recs if r["value"] == 0.6)
 
     again = HillClimb(GRID, max_in_flight=1)  # a restart: finished trials are reused
-    assert TrialLog(url, "s1").replay(again) == len(recs) - 1  # the failed one is retried
+    assert TrialLog(url, {"settings": 1}).replay(again) == len(recs) - 1  # the failed one is retried
     assert len(read_jsonl(str(tmp_path / "trials.previous.jsonl"))) == len(recs)
     assert again.suggest() == 0.6
-    assert TrialLog(url, "other settings").replay(HillClimb(GRID)) == 0
+    assert TrialLog(url, {"settings": 2}).replay(HillClimb(GRID)) == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +306,8 @@ def test_tune_end_to_end_on_digits_with_ray(prepared, ray_local):
     for kind in ("beta", "alpha"):
         s = summary[kind]
         assert s["finished"] and s["new_trials"] == s["trials"] <= s["grid_size"]
-        recs = read_jsonl(storage.join(out, kind, "trials.jsonl"))
+        recs = [r for r in read_jsonl(storage.join(out, kind, "trials.jsonl"))
+                if r.get("reference") is None]  # the β search also scores the random subset
         assert len(recs) == s["trials"] and all(r["status"] == "ok" for r in recs)
         assert all(0 <= r["metric"] <= 1 and r["epochs"] == 2 for r in recs)  # 20% of 10
         # one evaluation run per trial: a count of the validation samples it gets right
@@ -316,9 +321,13 @@ def test_tune_end_to_end_on_digits_with_ray(prepared, ray_local):
     text = storage.read_text(storage.join(out, "selected.yaml"))
     assert "# alpha trials: 2 distillation iterations each (tune.alpha_iterations = 2" in text
     selected = yaml.safe_load(text)
-    assert selected == {"select": {"beta": summary["beta"]["best_value"]},
+    start = summary["start"]
+    assert start["init"] in ("window", "random")
+    assert selected == {"select": {"init": start["init"],
+                                   "beta": summary["beta"]["best_value"]
+                                   if start["init"] == "window" else None},
                         "distill": {"alpha": summary["alpha"]["best_value"]}}
-    overlaid = load_config(None, {**selected_overrides(cfg.run_dir), "data.train_per_class": 30})
+    overlaid = load_config(None, {**tuned_overlay(cfg.run_dir), "data.train_per_class": 30})
     assert overlaid.select.beta == selected["select"]["beta"]
     # α trials distilled in their own directories, reading the main run's experts in place
     alpha_recs = read_jsonl(storage.join(out, "alpha", "trials.jsonl"))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from distill.config import RunConfig
 from distill.config_io import from_dict
-from distill.data import load_configured
-from distill.scores import compute_scores, save_scores
+from distill.freshness import Freshness
+from launch.scores import make_scores
 from launch.experts import run_experts
 
 BASE = {
@@ -34,7 +34,7 @@ def tiny_config(run_dir, *, seed: int = 5, **sections: dict) -> RunConfig:
 def prepare(cfg: RunConfig) -> RunConfig:
     """Train the experts in-process and write the forgetting scores into ``cfg.run_dir``."""
     run_experts(cfg, workers=0, progress=False)
-    save_scores(cfg.run_dir, compute_scores(cfg, load_configured(cfg.data)))
+    make_scores(Freshness(cfg), cfg.scores.kind)
     return cfg
 
 
@@ -43,7 +43,7 @@ def distill_killed_at(cfg: RunConfig, iteration: int) -> None:
     0, so the steps logged before are 1..iteration); checks that the kill did happen."""
     import pytest
 
-    from distill.distiller import run_distill
+    from launch.distillation import run_distill
     from helpers import killed_at
 
     with killed_at(iteration), pytest.raises(KeyboardInterrupt):

@@ -43,16 +43,16 @@ from collections.abc import Callable
 import yaml
 
 from distill import integrity, storage
+from distill.artifacts import Ref, digest
 from distill.config import ConfigError, RunConfig
 from distill.config_io import load_config, save_config
 from distill.data import load_configured
-from distill.freshness import stamp
-from distill.lock import run_dir_lock
-from distill.methods import augment_for, flip_for
+from distill.freshness import Freshness
+from distill.lock import check_not_busy, run_dir_lock
 from distill.metrics import JsonlSink, read_jsonl
-from distill.prerequisites import require_stages
 from distill.scores import load_scores
-from distill.search import Decision, Point, SearchContext, decide, make_grid
+from distill.search import Decision, Point, SearchContext, decide, decide_start, make_grid
+from distill.selection import Start
 from launch.exits import arguments_text, run_guarded
 from tune.search import HillClimb
 from tune.trials import METRIC, alpha_trial, alpha_trial_iterations, beta_trial
@@ -65,17 +65,12 @@ def tune_dir(cfg: RunConfig) -> str:
     return storage.join(cfg.run_dir, "tune")
 
 
-def trial_stamp(cfg: RunConfig, kind: str, beta: float | None = None) -> str:
-    """The freshness stamp (distill/freshness.py, stage ``beta_trial``/``alpha_trial``) of what
-    a trial's metric depends on, stored as each record's ``settings``; trials recorded under
-    another stamp are redone."""
-    augment = augment_for("window" if kind == "beta" else "selmatch", cfg)
-    extra = {"split": "search.validation_index, pool = the rest",  # bump if the split changes
-             "records": "per-image correctness",  # trials recorded before could not be compared
-             "augment": augment, "flip": flip_for(cfg) if augment != "dsa" else None}
-    if kind == "alpha":
-        extra.update(beta=beta, iterations=alpha_trial_iterations(cfg))
-    return stamp(cfg, f"{kind}_trial", extra=extra)
+def trial_made_of(check: Freshness, kind: str, start: Start | None = None) -> dict:
+    """What a trial's metric depends on (distill/artifacts.py, ``beta_trials`` /
+    ``alpha_trials``): stored with each record, whose ``settings`` is its stamp; trials recorded
+    under another stamp are redone. An α trial also depends on the start it distils from."""
+    more = {"start": start.to_dict()} if start is not None else None
+    return check.wanted(Ref(f"{kind}_trials"), more=more)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,10 +79,11 @@ def trial_stamp(cfg: RunConfig, kind: str, beta: float | None = None) -> str:
 
 
 class TrialLog:
-    """``<run_dir>/tune/<kind>/trials.jsonl``: read at the start, rewritten after every trial."""
+    """``<run_dir>/tune/<kind>/trials.jsonl``: read at the start, rewritten after every trial;
+    each record carries the stamp of what made it (``settings``) and its ``made_of``."""
 
-    def __init__(self, url: str, settings: str):
-        self.url, self.settings = url, settings
+    def __init__(self, url: str, made: dict):
+        self.url, self.made, self.settings = url, made, digest(made)
         self.sink = JsonlSink(url, checked=True)
 
     def _recorded(self) -> list[dict]:
@@ -113,6 +109,9 @@ class TrialLog:
         for rec in recorded:
             if rec.get("settings") != self.settings:
                 continue
+            if rec.get("reference") is not None:  # the random subset, scored apart
+                reused.append(rec)
+                continue
             if retry_failed and rec.get("status") != "ok":
                 continue
             try:
@@ -130,11 +129,18 @@ class TrialLog:
         self.sink.records = reused  # the file describes this search from now on
         if reused:
             self.sink.flush()
-        return len(reused)
+        return sum(1 for r in reused if r.get("reference") is None)  # grid trials
 
     def record(self, rec: dict) -> None:
-        self.sink.write({**rec, "settings": self.settings, "reused": False})
+        self.sink.write({**rec, "settings": self.settings, "made_of": self.made,
+                         "reused": False})
         self.sink.flush()
+
+    def reference(self, name: str) -> dict | None:
+        """The recorded reference point ``name`` of these settings (None: not scored yet)."""
+        found = [r for r in self.sink.records if r.get("reference") == name and
+                 r.get("settings") == self.settings and r.get("status", "ok") == "ok"]
+        return found[-1] if found else None
 
 
 def _run_local(climb: HillClimb, fn: Callable[[float], dict], on_complete) -> None:
@@ -153,10 +159,12 @@ def _run_local(climb: HillClimb, fn: Callable[[float], dict], on_complete) -> No
 
 
 def run_search(cfg: RunConfig, kind: str, climb: HillClimb, fn: Callable[[float], dict], *,
-               settings: str, use_ray: bool, constants: dict | None = None) -> dict:
-    """Replay, run the rest of ``climb``, and return its summary (with reused/new counts; the
-    choice is :func:`decision`'s, made from the trial records)."""
-    trials = TrialLog(storage.join(tune_dir(cfg), kind, "trials.jsonl"), settings)
+               made: dict, use_ray: bool, constants: dict | None = None,
+               references: dict[str, Callable[[], dict]] | None = None) -> dict:
+    """Replay, run the rest of ``climb`` (and score each of ``references`` once), and return
+    its summary (with reused/new counts; the choice is :func:`decision`'s, made from the trial
+    records)."""
+    trials = TrialLog(storage.join(tune_dir(cfg), kind, "trials.jsonl"), made)
     reused = trials.replay(climb)
     log.info("%s search: grid %s, start %g, %d trial(s) reused", kind, climb.grid,
              climb.grid[climb.start], reused)
@@ -171,8 +179,12 @@ def run_search(cfg: RunConfig, kind: str, climb: HillClimb, fn: Callable[[float]
                    name=f"{kind}_{time.strftime('%Y%m%d-%H%M%S')}")
     else:
         _run_local(climb, fn, trials.record)
+    for name, score in (references or {}).items():  # in this process: one trial each
+        if trials.reference(name) is None:
+            trials.record({"reference": name, "value": None, "status": "ok", **score()})
     summary = {**climb.summary(), "reused": reused, "new_trials": len(climb.history) - reused,
-               "seconds": round(time.perf_counter() - t0, 1), "records": list(trials.sink.records)}
+               "seconds": round(time.perf_counter() - t0, 1), "records": list(trials.sink.records),
+               "references": {n: trials.reference(n) for n in references or {}}}
     if not summary["finished"]:
         raise RuntimeError(f"the {kind} search stopped before the climb finished (Ray ended "
                            f"with trials outstanding); run the command again to continue")
@@ -182,15 +194,9 @@ def run_search(cfg: RunConfig, kind: str, climb: HillClimb, fn: Callable[[float]
     return summary
 
 
-def _local_path(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    return None if "://" in url else url
-
-
 def _ray_storage(cfg: RunConfig) -> str | None:
     """Ray's own experiment files beside ours for a local run_dir; Ray's default otherwise."""
-    path = _local_path(cfg.run_dir)
+    path = storage.local_path(cfg.run_dir)
     return os.path.abspath(os.path.join(path, "tune", "ray")) if path is not None else None
 
 
@@ -203,8 +209,8 @@ def alpha_trial_dir(cfg: RunConfig, alpha: float) -> str:
     return storage.join(tune_dir(cfg), "alpha", "trials", f"alpha_{alpha:.4f}")
 
 
-def _alpha_fn(alpha: float, *, ctx: SearchContext, beta: float) -> dict:
-    return alpha_trial(ctx, alpha, beta=beta, trial_dir=alpha_trial_dir(ctx.cfg, alpha))
+def _alpha_fn(alpha: float, *, ctx: SearchContext, start: Start) -> dict:
+    return alpha_trial(ctx, alpha, start=start, trial_dir=alpha_trial_dir(ctx.cfg, alpha))
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,64 +264,58 @@ def plot_search(kind: str, history: list[dict], grid: list[float], best: float, 
 
 def decision(kind: str, climb: HillClimb, records: list[dict], ctx: SearchContext) -> Decision:
     """The search's choice by distill/search.py's rule, from this search's trial records."""
-    points = {r["value"]: Point.from_record(r) for r in records if r.get("status") == "ok"}
+    points = {r["value"]: Point.from_record(r) for r in records
+              if r.get("status") == "ok" and r.get("reference") is None}
     return decide(points, start=climb.grid[climb.start], chance=ctx.chance, kind=kind)
 
 
-def write_selected(cfg: RunConfig, beta: Decision, alpha: Decision, split: dict) -> str:
-    """``selected.yaml``: the two chosen values as a config overlay; the header says how they
-    were chosen, on which validation split, and repeats every warning."""
+def write_selected(cfg: RunConfig, beta: Decision, start: dict, alpha: Decision,
+                   split: dict) -> str:
+    """``selected.yaml``: the chosen start and α as a config overlay (``selmatch run --tuned``
+    applies it); the header says how they were chosen, on which validation split, and repeats
+    every warning."""
     url = storage.join(tune_dir(cfg), "selected.yaml")
     iters = alpha_trial_iterations(cfg)
     budget = (f"tune.alpha_iterations = {iters}" if cfg.tune.alpha_iterations is not None else
               f"tune.alpha_fraction {cfg.tune.alpha_fraction:g} x distill.iterations "
               f"{cfg.distill.iterations}")
+    values = {"select": {"init": start["init"], "beta": start["beta"]},
+              "distill": {"alpha": alpha.value}}
     lines = [f"selmatch tune: chosen on validation accuracy, never on the test set. Apply with "
-             f"--select.beta {beta.value:g} --distill.alpha {alpha.value:g}",
+             f"`selmatch run --tuned` (or --select.init {start['init']}"
+             + (f" --select.beta {start['beta']:g}" if start["beta"] is not None else "")
+             + f" --distill.alpha {alpha.value:g})",
              f"validation split: {split['validation_size']} training images "
              f"({split['validation_fraction']:g} of each class, drawn from seed "
              f"{split['validation_seed']}), held out of every trial's pool of "
              f"{split['pool_size']}; {split['runs_per_point']} network(s) per trial",
              f"alpha trials: {iters} distillation iterations each ({budget}; "
              f"bench/results/alpha_budget.md measures the choice)",
-             f"rule: {beta.rule}"]
+             f"rule: {beta.rule}",
+             f"start: {start['why']}"]
     for d in (beta, alpha):
         lines.append(f"{d.kind}: chose {d.value:g} ({100 * d.metric:.2f}%); best {d.best:g}; "
                      f"tied with the best: {', '.join(f'{v:g}' for v in d.tied)}")
         lines += [f"WARNING: {w}" for w in d.warnings]
     header = "".join(f"# {line}\n" for line in lines)
-    body = yaml.safe_dump({"select": {"beta": beta.value}, "distill": {"alpha": alpha.value}},
-                          sort_keys=False)
-    integrity.write_text(url, header + body)
+    integrity.write_text(url, header + yaml.safe_dump(values, sort_keys=False))
     return url
 
 
-def selected_overrides(run_dir: str) -> dict[str, float]:
-    """``{"select.beta": b, "distill.alpha": a}`` from ``<run_dir>/tune/selected.yaml``
-    (verified), for ``load_config(F, overrides)``."""
-    url = storage.join(run_dir, "tune", "selected.yaml")
-    fix = "run `selmatch tune --config F` again (finished trials are reused)"
-    try:
-        data = yaml.safe_load(integrity.read_text(url, fix=fix))
-        return {"select.beta": float(data["select"]["beta"]),
-                "distill.alpha": float(data["distill"]["alpha"])}
-    except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
-        if isinstance(err, integrity.DamagedArtifactError):
-            raise
-        raise integrity.DamagedArtifactError(url, f"not the overlay selmatch tune writes "
-                                                  f"({type(err).__name__}: {err})", fix) from err
-
-
 def _records(cfg: RunConfig, kind: str) -> list[dict]:
-    return read_jsonl(storage.join(tune_dir(cfg), kind, "trials.jsonl"))
+    """The trials of the grid (not the reference points)."""
+    return [r for r in read_jsonl(storage.join(tune_dir(cfg), kind, "trials.jsonl"))
+            if r.get("reference") is None]
 
 
 def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = True) -> dict:
-    """β search, then α search at the chosen β; writes selected.yaml, plots, summary.json."""
-    local = _local_path(cfg.run_dir)
+    """β search, SelMatch's start, then the α search from that start; writes selected.yaml,
+    plots, summary.json."""
+    local = storage.local_path(cfg.run_dir)
     if local is not None:  # Ray runs trials in their own working directory
         cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(local))
-    require_stages(cfg, "tune")
+    check_not_busy(cfg.run_dir)
+    Freshness(cfg).require("tune")
     if use_ray and cfg.run_dir.startswith("memory://"):
         raise ValueError(f"run_dir {cfg.run_dir} lives in this process's memory, which Ray's "
                          f"trial processes cannot write: use --no-ray, or a run_dir on storage "
@@ -325,10 +325,24 @@ def run_tune(cfg: RunConfig, *, ray_address: str | None = None, use_ray: bool = 
         return _run_tune(cfg, ray_address=ray_address, use_ray=use_ray)
 
 
+def tune_start(cfg: RunConfig, beta: Decision, points: dict, random: Point) -> dict:
+    """SelMatch's start after the β search: the config's when it pins one (select.init random
+    or topk: that start; window: the searched β), else the window search's rule
+    (distill/search.py ``decide_start``) on the same validation points."""
+    init = cfg.select.init
+    if init in ("random", "topk"):
+        return {"init": init, "beta": None, "why": f"select.init {init} pins the start"}
+    if init == "window":
+        return {"init": "window", "beta": beta.value,
+                "why": f"select.init window: the window at the searched β = {beta.value:g}"}
+    return decide_start(points[beta.value], random, beta.value)
+
+
 def _run_tune(cfg: RunConfig, *, ray_address: str | None, use_ray: bool) -> dict:
     ds = load_configured(cfg.data)
     scores = load_scores(cfg.run_dir, cfg.scores.kind)
     ctx = SearchContext(cfg, ds, scores)
+    check = Freshness(cfg, ds)
     save_config(cfg)
     started = False
     if use_ray:
@@ -339,13 +353,21 @@ def _run_tune(cfg: RunConfig, *, ray_address: str | None, use_ray: bool) -> dict
     try:
         climb = beta_climb(cfg, ctx)
         beta_sum = run_search(cfg, "beta", climb, functools.partial(beta_trial, ctx),
-                              settings=trial_stamp(cfg, "beta"), use_ray=use_ray)
-        beta = decision("beta", climb, beta_sum.pop("records"), ctx)
+                              made=trial_made_of(check, "beta"), use_ray=use_ray,
+                              references={"random": lambda: ctx.reference_point("random")})
+        records = beta_sum.pop("records")
+        beta = decision("beta", climb, records, ctx)
+        points = {r["value"]: Point.from_record(r) for r in records
+                  if r.get("status") == "ok" and r.get("reference") is None}
+        start_rec = tune_start(cfg, beta, points,
+                               Point.from_record(beta_sum["references"]["random"]))
+        start = Start(start_rec["init"], start_rec["beta"], "tune")
+        log.info("start: %s", start_rec["why"])
         climb = alpha_climb(cfg)
         alpha_sum = run_search(cfg, "alpha", climb,
-                               functools.partial(_alpha_fn, ctx=ctx, beta=beta.value),
-                               settings=trial_stamp(cfg, "alpha", beta.value), use_ray=use_ray,
-                               constants={"beta": beta.value})
+                               functools.partial(_alpha_fn, ctx=ctx, start=start),
+                               made=trial_made_of(check, "alpha", start), use_ray=use_ray,
+                               constants={"start": start.to_dict()})
         alpha = decision("alpha", climb, alpha_sum.pop("records"), ctx)
     finally:
         if started:
@@ -358,15 +380,19 @@ def _run_tune(cfg: RunConfig, *, ray_address: str | None, use_ray: bool) -> dict
         plot_search(kind, _records(cfg, kind), summ["grid"], dec.value,
                     storage.join(out, f"{kind}.png"))
     split = ctx.describe()
-    summary = {"beta": beta_sum, "alpha": alpha_sum,
-               "selected": {"select.beta": beta.value, "distill.alpha": alpha.value},
+    selected_yaml = write_selected(cfg, beta, start_rec, alpha, split)
+    check.forget()
+    made = check.wanted(Ref("tuned"))
+    summary = {"beta": beta_sum, "alpha": alpha_sum, "start": start_rec,
+               "selected": {"select.init": start.init, "select.beta": start.beta,
+                            "distill.alpha": alpha.value},
                "metric": f"{METRIC} on the validation split (tune.val_fraction "
                          f"{cfg.tune.val_fraction:g})",
                "n_val": len(ctx.val), "split": split, "ray": use_ray,
                "seconds": round(time.perf_counter() - t0, 1),
-               "warnings": beta.warnings + alpha.warnings,
-               "selected_yaml": write_selected(cfg, beta, alpha, split)}
-    storage.write_json(storage.join(out, "summary.json"), summary)
+               "warnings": beta.warnings + alpha.warnings, "selected_yaml": selected_yaml,
+               "stamp": digest(made), "made_of": made}
+    integrity.write_json(storage.join(out, "summary.json"), summary)
     for kind, dec in (("beta", beta), ("alpha", alpha)):
         s = summary[kind]
         log.info("%s: %d of %d grid values tried (%d reused, %d failed), chose %g (%s %.4f; "
@@ -374,8 +400,8 @@ def _run_tune(cfg: RunConfig, *, ray_address: str | None, use_ray: bool) -> dict
                  dec.value, METRIC, dec.metric, dec.best)
         for w in dec.warnings:
             log.warning("%s", w)
-    log.info("selected select.beta %g, distill.alpha %g -> %s", beta.value, alpha.value,
-             summary["selected_yaml"])
+    log.info("selected %s, distill.alpha %g -> %s (apply with selmatch run --tuned)",
+             start.describe(), alpha.value, selected_yaml)
     return summary
 
 
@@ -392,7 +418,8 @@ def cmd_tune(args, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tune", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--config", required=True, help="YAML config (path or fsspec URL)")
     parser.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
     parser.add_argument("--no-ray", action="store_true",

@@ -131,10 +131,6 @@ class HillClimb:
     # -- state -------------------------------------------------------------------------------
 
     @property
-    def pending(self) -> list[float]:
-        return [self.grid[i] for i in self._pending]
-
-    @property
     def finished(self) -> bool:
         return not self._pending and not self._candidates()
 

@@ -2,7 +2,7 @@
 
     ctx = SearchContext(cfg, ds, scores)            # once per process: split, validation set
     beta_trial(ctx, 0.3)                            # {"val_acc": ..., "epochs": ..., ...}
-    alpha_trial(ctx, 0.5, beta=0.3, trial_dir=...)  # shortened distillation, then the same score
+    alpha_trial(ctx, 0.5, start=Start("window", 0.3), trial_dir=...)  # then the same score
 
 What a trial selects from, what it is scored on, with which seeds and how ties are broken are
 the decisions of distill/search.py, shared with the window search of ``selmatch run``: a β trial
@@ -27,10 +27,11 @@ import torch
 
 from distill import storage
 from distill.config import RunConfig
-from distill.distiller import run_distill
+from distill.selection import Start
 from distill.metrics import read_jsonl
 from distill.runtime import Runtime
 from distill.search import METRIC, SearchContext
+from launch.distillation import distill_trial
 
 __all__ = ["METRIC", "SearchContext", "alpha_trial", "alpha_trial_config",
            "alpha_trial_iterations", "beta_trial"]
@@ -51,27 +52,26 @@ def beta_trial(ctx: SearchContext, beta: float) -> dict:
     return {**out, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def alpha_trial_config(base: RunConfig, alpha: float, *, beta: float, trial_dir: str) -> RunConfig:
-    """The config an α trial distils with: the run's, at (β, α), for the trial's iterations, in
-    its own directory, one repetition."""
+def alpha_trial_config(base: RunConfig, alpha: float, *, start: Start,
+                       trial_dir: str) -> RunConfig:
+    """The config an α trial distils with: the run's, from ``start`` (a window at its β, or the
+    random subset) at α, for the trial's iterations, in its own directory, one repetition."""
     iters = alpha_trial_iterations(base)
     return dataclasses.replace(
-        base, run_dir=trial_dir, seeds=None,
-        select=dataclasses.replace(base.select, beta=beta, init="window"),
+        base, run_dir=trial_dir, seeds=None, tuned=False,
+        select=dataclasses.replace(base.select, beta=start.beta, init=start.init),
         distill=dataclasses.replace(base.distill, alpha=alpha, iterations=iters, mode="joint",
                                     checkpoint_every=min(base.distill.checkpoint_every, iters),
                                     log_every=min(base.distill.log_every, iters)))
 
 
-def alpha_trial(ctx: SearchContext, alpha: float, *, beta: float, trial_dir: str,
+def alpha_trial(ctx: SearchContext, alpha: float, *, start: Start, trial_dir: str,
                 progress: bool = False) -> dict:
-    """A shortened distillation at (β, α) in ``trial_dir``, then the β trial's score."""
+    """A shortened distillation at α from ``start`` in ``trial_dir``, then the β trial's score."""
     t0 = time.perf_counter()
-    cfg = alpha_trial_config(ctx.cfg, alpha, beta=beta, trial_dir=trial_dir)
-    synset = run_distill(cfg, resume=True, restart_stale=True, source=ctx.cfg,
-                         method="selmatch", pool=ctx.pool, ds=ctx.ds,
-                         runtime=Runtime(device=torch.device(ctx.device)), progress=progress,
-                         preflight=False)
+    cfg = alpha_trial_config(ctx.cfg, alpha, start=start, trial_dir=trial_dir)
+    synset = distill_trial(ctx.cfg, cfg, pool=ctx.pool, ds=ctx.ds,
+                           runtime=Runtime(device=torch.device(ctx.device)), progress=progress)
     logged = read_jsonl(storage.join(trial_dir, "logs", "distill_selmatch.jsonl"))
     loss = logged[-1]["loss"] if logged else None
     images = synset.images().detach().cpu()
