@@ -96,7 +96,7 @@ _REAL_ROWS = ("eval.flip", "eval.crop_fill")
 _BOOKKEEPING = ("distill.checkpoint_every", "distill.log_every", "distill.check_every",
                 "distill.num_threads", "distill.compile", "distill.cuda_graphs",
                 "distill.groups_per_call", "distill.group_ranks", "distill.max_image_ratio",
-                "distill.max_loss_ratio")
+                "distill.max_loss_ratio", "distill.max_lr_change")
 """How often to save, log and check, how the same mathematics runs (eager or compiled, CUDA
 graphs, groups per call, ranks per BN group: equal results, tested) and when to stop a run that
 diverged (a finished result passed the guards). Precision is kept: TF32 changes the numbers."""

@@ -190,6 +190,11 @@ class DistillConfig:
     max_loss_ratio: float | None = 20.0
     """Divergence guard: stop when the matching loss exceeds this multiple of its starting value
     (the mean loss of the first 5 iterations). None = off."""
+    max_lr_change: float | None = 0.5
+    """Divergence guard: stop when one update changes the learned student learning rate by more
+    than this fraction of its value; a learned learning rate that is not positive always stops
+    the run (the student would then climb its loss). The message says which distill.lr_lr
+    would have kept the update within the bound. None = only the sign is checked."""
 
 
 @dataclass(kw_only=True)

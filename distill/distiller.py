@@ -41,7 +41,13 @@ _LOSS_START = 5  # iterations whose mean loss is the divergence guard's referenc
 
 
 class DivergenceError(FloatingPointError):
-    """The matching loss or a gradient became NaN/Inf."""
+    """The matching loss or a gradient became NaN/Inf, or a divergence guard stopped the run."""
+
+
+def _round_down(x: float) -> float:
+    """``x`` rounded down to one significant digit (a value to suggest: 3.7e-6 -> 3e-6)."""
+    exponent = math.floor(math.log10(x))
+    return math.floor(x / 10 ** exponent) * 10 ** exponent
 
 
 CHECKPOINT_KEYS = ("iteration", "method", "stamp", "made_of", "distilled", "syn_lr",
@@ -167,8 +173,10 @@ class Distiller:
         self.opt_lr.zero_grad(set_to_none=False)
         self.synset.distilled.grad = grad.reshape(self.synset.distilled.shape).clone()
         self.synset.syn_lr.grad = res.grad_lr.reshape(()).clone()
+        lr_before = float(self.synset.syn_lr.detach())
         self.opt_images.step()
         self.opt_lr.step()
+        self._check_lr(iteration, lr_before)
         seconds = time.perf_counter() - t0
         return {"iteration": iteration, "loss": float(res.loss), "syn_lr": float(self.synset.syn_lr.detach()),
                 "expert": expert, "start_epoch": start_epoch, "seconds": round(seconds, 4),
@@ -182,18 +190,46 @@ class Distiller:
                 f"(loss {float(loss)}); the last good checkpoint is kept. Lower "
                 f"distill.lr_images or distill.lr_lr, or distill.syn_steps")
 
+    def _check_lr(self, iteration: int, before: float) -> None:
+        """Stop when the learned student learning rate turned non-positive or moved by more
+        than ``distill.max_lr_change`` of itself in one update: the images that follow are
+        trained by a student that climbs its loss (or by an lr that jumped), and the image guards
+        would only notice later, naming the wrong quantity. Says which ``distill.lr_lr`` would
+        have kept the update within the bound (the update is lr_lr times the optimiser's step
+        direction, which includes momentum)."""
+        d = self.cfg.distill
+        after = float(self.synset.syn_lr.detach())
+        bound = d.max_lr_change
+        if after > 0 and (bound is None or abs(after - before) <= bound * abs(before)):
+            return
+        state = self.opt_lr.state.get(self.synset.syn_lr, {})
+        step = state.get("momentum_buffer")
+        direction = abs(float(step if step is not None else self.synset.syn_lr.grad))
+        allowed = (bound if bound is not None else 1.0) * abs(before)
+        fits = _round_down(allowed / direction) if direction > 0 else None
+        what = "became non-positive" if after <= 0 else \
+            f"changed by {abs(after - before) / abs(before):.0%} of itself (more than " \
+            f"distill.max_lr_change = {bound:g})"
+        hint = (f"set distill.lr_lr to {fits:g} or less (now {d.lr_lr:g}): the update moved it "
+                f"by {abs(after - before):.3g} along a step direction of {direction:.3g}"
+                if fits is not None else f"lower distill.lr_lr (now {d.lr_lr:g})")
+        raise DivergenceError(
+            f"the learned student learning rate syn_lr {what} at iteration {iteration}: "
+            f"{before:.4g} -> {after:.4g}; the last good checkpoint is kept. To continue, {hint}")
+
     def _check_blowup(self, iteration: int, loss: float) -> None:
         """Stop a run that has blown up while staying finite (e.g. ``distill.lr_images 1e12``:
         pixels near 1e9 that evaluate at chance). Runs before the iteration's checkpoint, so the
         checkpoint on disk is always the last state that passed."""
         d = self.cfg.distill
+        # the learned learning rate has its own guard (_check_lr): what diverges here is images
         keep = (f"the last good checkpoint is kept. Lower distill.lr_images (now "
-                f"{d.lr_images:g}) or distill.lr_lr (now {d.lr_lr:g})")
+                f"{d.lr_images:g})")
         if d.max_image_ratio is not None and len(self.synset.distilled):
             peak = float(self.synset.distilled.detach().abs().max())
             if peak > d.max_image_ratio * self.real_abs_max:
                 raise DivergenceError(
-                    f"distillation diverged at iteration {iteration}: a learnable image reaches "
+                    f"the learnable images diverged at iteration {iteration}: one reaches "
                     f"|x| = {peak:.3g}, more than distill.max_image_ratio = {d.max_image_ratio:g} "
                     f"times the real images' largest |x| = {self.real_abs_max:.3g}; {keep}")
         start = [h["loss"] for h in self.history[:_LOSS_START]]

@@ -98,6 +98,7 @@ RANGES: dict[str, Interval] = {
     "distill.lr_images": _POSITIVE, "distill.lr_lr": _NON_NEGATIVE,
     "distill.syn_lr_init": _POSITIVE, "distill.momentum": _MOMENTUM,
     "distill.checkpoint_every": _COUNT, "distill.log_every": _COUNT,
+    "distill.max_lr_change": _POSITIVE,
     "distill.check_every": _COUNT, "distill.num_threads": _COUNT,
     "distill.max_image_ratio": Interval(1, lo_open=True),
     "distill.max_loss_ratio": Interval(1, lo_open=True),

@@ -67,6 +67,9 @@ def test_the_config_runs_end_to_end_scaled_down(tmp_path, capsys):
               # 2 images per class matched to 3-epoch experts: at the paper's image learning rate
               # 1000 the first step already crosses the divergence guard
               "--distill.lr_images", "100",
+              # and its learned learning rate moves by more than half of itself in the first
+              # update at the config's lr_lr (the guard distill.max_lr_change stops that)
+              "--distill.lr_lr", "1e-6",
               # compiling costs about a minute per shape on a cold cache: not what this tests
               "--distill.compile", "off",
               "--eval.epochs", "3", "--eval.runs", "1", "--seeds", "0"]

@@ -97,6 +97,7 @@ ALTERNATIVES = {
     "distill.group_ranks": 2, "distill.groups_per_call": 1, "distill.precision": "fp32",
     "distill.checkpoint_every": 3, "distill.log_every": 2, "distill.check_every": 51,
     "distill.num_threads": 2, "distill.max_image_ratio": 30.0, "distill.max_loss_ratio": 30.0,
+    "distill.max_lr_change": 0.9,
     "eval.model": "resnet18", "eval.width": 16, "eval.depth": 2, "eval.norm": "instance",
     "eval.runs": 2, "eval.epochs": 3, "eval.lr": 0.05, "eval.momentum": 0.8,
     "eval.weight_decay": 1e-3, "eval.batch_size": 16, "eval.num_cpus": 2.0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import shutil
 import socket
 import typing
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from distill import integrity, storage
-from distill.config import ConfigError, RunConfig, to_dict
+from distill.config import ConfigError, RunConfig
 from distill.config_io import dump_yaml, from_dict
 from distill.distiller import DivergenceError, Distiller
 from launch.distillation import run_distill
@@ -140,6 +141,22 @@ def test_blown_up_images_stop_the_run_with_a_clear_error(prepared, tmp_path, cap
     assert "diverged at iteration 0" in err and "distill.max_image_ratio" in err
     assert "distill.lr_images (now 1e+12)" in err
     assert not storage.exists(f"{tmp_path}/synset/selmatch.pt")
+
+
+def test_a_jumping_student_learning_rate_stops_the_run_naming_lr_lr(prepared, tmp_path, capsys):
+    cfg = fresh(prepared, tmp_path, distill={"lr_lr": 10.0, "iterations": 3,
+                                             "checkpoint_every": 1})
+    rc, err = run_cli(capsys, "distill", "--config", config_file(cfg, tmp_path / "c.yaml"))
+    assert rc == 1
+    assert "the learned student learning rate syn_lr" in err and "at iteration 0" in err
+    hint = re.search(r"set distill\.lr_lr to ([0-9.e+-]+) or less \(now 10\)", err)
+    assert hint, err  # a value that would have kept the update within the bound
+    assert not storage.exists(f"{tmp_path}/synset/selmatch.pt")
+    # the suggested lr_lr runs where 10 stopped
+    cfg = fresh(prepared, tmp_path / "again", distill={"lr_lr": float(hint.group(1)),
+                                                      "iterations": 1})
+    rc, err = run_cli(capsys, "distill", "--config", config_file(cfg, tmp_path / "c2.yaml"))
+    assert rc == 0, err
 
 
 def _poisoned_step(at: int, *, scale: float = 1.0, loss: float | None = None):
