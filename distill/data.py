@@ -15,8 +15,9 @@ Contract the other stages build on:
 - `Dataset.info` describes what was loaded (sizes counted from the data); `get_info` describes the
   canonical dataset without reading it. They differ only for hand-made files (tests).
 - roots are local paths or fsspec URLs (`memory://` in tests) for IDX, CIFAR and Tiny ImageNet.
-  With no root, the spec's `default_root` is tried, then `<repo>/.data/<name>` (git-ignored: the
-  place to bring files to an offline GPU host). `download=True` uses torchvision, needs a local
+  With no root, the spec's `default_root` is tried, then `.data/<name>` in the working directory,
+  then `.data/<name>` beside the installed package (in a checkout: the checkout's, git-ignored:
+  the place to bring files to an offline GPU host). `download=True` uses torchvision, needs a local
   root and internet, and writes to the root given or to `~/.cache/selmatch/<name>`.
 """
 
@@ -148,7 +149,8 @@ class DatasetSpec:
             return [_expand(root)]
         if self.default_root is None:
             return []
-        return [_expand(self.default_root), str(_REPO_DATA / self.name)]
+        here = [str(Path.cwd() / ".data" / self.name), str(_REPO_DATA / self.name)]
+        return [_expand(self.default_root), *dict.fromkeys(here)]
 
     def status(self, root: str | None = None) -> tuple[bool, str]:
         """(available here?, where it is or why not), by checking files exist."""
@@ -405,6 +407,31 @@ DATASETS: dict[str, DatasetSpec] = {
                                imagefolder.locate, imagefolder.read,
                                option_defaults=imagefolder.OPTION_DEFAULTS),
 }
+
+
+def register_dataset(name: str, read: Callable[[], tuple], *, class_names: tuple[str, ...],
+                     flip_invariant: bool = False, description: str = "",
+                     replace_existing: bool = False) -> None:
+    """Add a dataset to :data:`DATASETS` (in this process): ``read()`` returns ``(x_train,
+    y_train, x_test, y_test)`` as arrays, images ``[N, C, H, W]`` of pixels in [0, 1] (float)
+    or [0, 255] (uint8), labels ``0 .. len(class_names) - 1``, in the order difficulty scores
+    will index. Read once per process; normalised with its training split's mean and std."""
+    if name in DATASETS and not replace_existing:
+        raise ValueError(f"dataset {name!r} is registered already (replace_existing=True "
+                         f"replaces it); registered: {', '.join(dataset_names())}")
+
+    @functools.lru_cache(maxsize=1)
+    def raw() -> _Raw:
+        x_train, y_train, x_test, y_test = (np.asarray(a) for a in read())
+        scale = 255.0 if x_train.dtype == np.uint8 else 1.0
+        return _Raw(x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64),
+                    tuple(class_names), scale)
+
+    DATASETS[name] = DatasetSpec(
+        name, lambda opts, root: _measured(name, raw(), description or f"registered: {name}",
+                                           "registered in this process (register_dataset)"),
+        lambda roots: "registered in this process", lambda where, opts: raw(),
+        flip_invariant=flip_invariant)
 
 
 def flip_invariant(name: str) -> bool:

@@ -317,6 +317,22 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 """Name → builder. Every builder takes the keyword arguments of `build_model` after `name`."""
 
 
+def register_network(name: str, builder: Callable[..., nn.Module], *,
+                     replace_existing: bool = False) -> None:
+    """Add a network to :data:`MODELS` (in this process): ``builder(in_channels=, num_classes=,
+    image_size=, width=, depth=, norm=)`` returns an ``nn.Module`` mapping images to logits, its
+    last layer an ``nn.Linear`` (evaluation's features hook it). The matching step needs batch
+    norm without running statistics updates through torch.func, which ``functional_forward``
+    provides for any module; the compiled fast path is the ConvNet's alone."""
+    if name in MODELS and not replace_existing:
+        raise ValueError(f"network {name!r} is registered already (replace_existing=True "
+                         f"replaces it); registered: {', '.join(model_names())}")
+    if not callable(builder):
+        raise ValueError(f"register_network({name!r}): the builder must be callable, got "
+                         f"{type(builder).__name__}")
+    MODELS[name] = builder
+
+
 def model_names() -> list[str]:
     """Registered network names, sorted (for error messages and CLI listings)."""
     return sorted(MODELS)

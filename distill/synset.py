@@ -17,7 +17,6 @@ import math
 import torch
 
 from distill import integrity, storage
-from distill.methods import SYNSETS
 from distill.selection import Selection
 
 
@@ -77,16 +76,20 @@ class SyntheticSet:
                    state["syn_lr"])
 
     def save(self, run_dir: str, method: str, *, meta: dict | None = None,
-             denormalize=None, class_names: tuple[str, ...] | None = None) -> str:
-        """Write ``synset/<method>.pt`` and ``synset/<method>.png`` (atomically); the grid's
-        columns are headed by ``class_names`` when given."""
-        if method.removesuffix("_init") not in SYNSETS:
-            raise ValueError(f"unknown method {method!r}; valid: {', '.join(SYNSETS)} "
-                             f"(or <method>_init for a starting point)")
+             dataset=None) -> str:
+        """Write ``synset/<method>.pt`` and ``synset/<method>.png`` (atomically). With
+        ``dataset`` (the data it was made from) the set's ``meta["data"]`` records its name,
+        class names and normalisation, so the file can be read back in pixel space anywhere,
+        and the grid shows pixels under its class names."""
+        meta = dict(meta or {})
+        if dataset is not None:
+            meta["data"] = {"name": dataset.name, "class_names": list(dataset.class_names),
+                            "mean": list(dataset.info.mean), "std": list(dataset.info.std)}
         url = storage.join(run_dir, "synset", f"{method}.pt")
         integrity.torch_save(url, self.state(method, meta))
         png = image_grid(self.images().detach().cpu(), self.labels.cpu(), self.is_distilled.cpu(),
-                         denormalize=denormalize, class_names=class_names)
+                         denormalize=None if dataset is None else dataset.denormalize,
+                         class_names=None if dataset is None else dataset.class_names)
         storage.write_bytes(storage.join(run_dir, "synset", f"{method}.png"), png)
         return url
 

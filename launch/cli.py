@@ -43,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "tune.main:cmd_tune"),
     "estimate": ("memory per rank, storage, communication and time of the matching step",
                  "launch.estimate:cmd_estimate"),
+    "export": ("a row's set as class folders of PNGs, labels, metadata and plain tensors",
+               "launch.export:cmd_export"),
     "unlock": ("remove the run directory's lock once the command that held it is gone",
                "launch.unlock:cmd_unlock"),
 }
@@ -86,6 +88,13 @@ def _extra_args(name: str, p: argparse.ArgumentParser) -> None:
                        help="memory per device, e.g. 80GiB or 141GB (default: this machine's)")
         p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                        help="whose coefficients and profiles to use (default cuda)")
+    if name == "export":
+        p.add_argument("--row", default="selmatch", help="the report row whose set to export")
+        p.add_argument("--repetition", type=int, default=None, metavar="SEED",
+                       help="the repetition seed's set (default: the run seed)")
+        p.add_argument("--out", required=True, help="folder to write (path or fsspec URL)")
+        p.add_argument("--no-test", action="store_true",
+                       help="do not write the dataset's test images as val/")
     if name == "tune":
         p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
         p.add_argument("--no-ray", action="store_true",

@@ -212,8 +212,7 @@ def _distill_and_save(job: Job, rt: Runtime, ds: Dataset, synset: SyntheticSet,
         save_config(cfg)
         storage.write_json(storage.join(cfg.run_dir, "data.json"), ds.describe())
         # the exact starting point (selection, learnable rows marked), kept for comparisons
-        synset.save(cfg.run_dir, f"{job.name}_init", meta=job.meta("init"),
-                    denormalize=ds.denormalize, class_names=ds.class_names)
+        synset.save(cfg.run_dir, f"{job.name}_init", meta=job.meta("init"), dataset=ds)
     if distiller is None:
         log.info("nothing to distill (alpha %.3g, %d iterations): the result is the selection",
                  cfg.distill.alpha, cfg.distill.iterations)
@@ -223,8 +222,7 @@ def _distill_and_save(job: Job, rt: Runtime, ds: Dataset, synset: SyntheticSet,
     if rt.is_main:
         _check_single_writer(job)
         synset.save(cfg.run_dir, job.name,
-                    meta=job.meta("set", syn_lr=float(synset.syn_lr.detach())),
-                    denormalize=ds.denormalize, class_names=ds.class_names)
+                    meta=job.meta("set", syn_lr=float(synset.syn_lr.detach())), dataset=ds)
     rt.barrier()
     return synset
 

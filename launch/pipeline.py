@@ -143,9 +143,9 @@ def cmd_window(args, overrides: list[str]) -> int:
     return 0
 
 
-def cmd_evaluate(args, overrides: list[str]) -> int:
-    """``selmatch evaluate``: evaluate every chosen row whose set is present (and fresh)."""
-    cfg = load_config(args.config, overrides)
+def evaluate_present(cfg: RunConfig, *, workers: int | None = 0,
+                     ray_address: str | None = None) -> list[str]:
+    """Evaluate every chosen row whose set is present (and fresh); returns the records' URLs."""
     check_not_busy(cfg.run_dir)
     check = Freshness(cfg)
     check.require("evaluate")
@@ -165,10 +165,16 @@ def cmd_evaluate(args, overrides: list[str]) -> int:
             if set_ref(row, cfg.seed) in present]
     with run_dir_lock(cfg.run_dir, "selmatch evaluate"):
         save_config(cfg)
-        stage_evaluate(check, refs, ds, ReferenceCache(check, ds), workers=args.workers,
-                       ray_address=args.ray_address)
-    for ref in refs:
-        print(url_of(cfg, ref))
+        stage_evaluate(check, refs, ds, ReferenceCache(check, ds), workers=workers,
+                       ray_address=ray_address)
+    return [url_of(cfg, ref) for ref in refs]
+
+
+def cmd_evaluate(args, overrides: list[str]) -> int:
+    """``selmatch evaluate``: evaluate every chosen row whose set is present (and fresh)."""
+    cfg = load_config(args.config, overrides)
+    for url in evaluate_present(cfg, workers=args.workers, ray_address=args.ray_address):
+        print(url)
     return 0
 
 

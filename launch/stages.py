@@ -91,9 +91,7 @@ def stage_selection(check: Freshness, ref: Ref, ds: Dataset) -> None:
             "start": start.to_dict(), "beta": start.beta, "init": start.init, "alpha": 0.0,
             "alpha_source": "the row", "seed": rep.seed, "stamp": digest(made),
             "made_of": made, "score": scores.kind if scores is not None else None}
-    baseline_set(rep, ds, start, scores).save(rep.run_dir, ref.name, meta=meta,
-                                              denormalize=ds.denormalize,
-                                              class_names=ds.class_names)
+    baseline_set(rep, ds, start, scores).save(rep.run_dir, ref.name, meta=meta, dataset=ds)
     check.forget()
 
 

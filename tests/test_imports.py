@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("distill", "launch", "tune")
+PACKAGES = ("distill", "launch", "tune", "selmatch")
 _HANDLER = re.compile(r"^((?:distill|launch|tune)\.\w+):\w+$")
 
 
@@ -155,3 +155,11 @@ def test_distill_stays_below_launch_and_tune_and_away_from_ray(module):
         assert not {n for n in names if n.startswith("torch.distributed")}
     upward = {m for m in import_graph()[module] if m.startswith(("launch", "tune"))}
     assert not upward, upward
+
+
+def test_the_python_api_is_the_top_layer():
+    """selmatch/ (the Python API) sits over distill/, launch/ and tune/; none of them imports
+    it, so the commands and the API share one implementation and neither depends on the other."""
+    graph = import_graph()
+    assert not [m for m, deps in graph.items() if "selmatch" in deps and m != "selmatch"]
+    assert {"launch.pipeline", "launch.export", "distill.synset"} <= graph["selmatch"]
