@@ -27,7 +27,7 @@ from distill.estimate import (
     peak_bytes,
     shape_from_config,
 )
-from distill.profiles import iteration_time, load_profiles
+from distill.profiles import anchor_time, iteration_time, load_anchor_fits, load_profiles
 from distill.trajectories import TrajectoryCache
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,8 @@ def estimate_run(cfg, *, ranks: int = 1, device: str = "cuda", device_memory: fl
     trajectory = expert_storage(1, cfg.experts.epochs, params)
     time = iteration_time(shape, ranks, device,
                           load_profiles() if profiles is None else profiles)
+    if time is None and device == "cuda":  # no profile of this path yet: the recorded anchors
+        time = anchor_time(shape, ranks, load_anchor_fits())
     return RunEstimate(
         shape=shape, device=device, ranks=ranks, memory=mem, device_memory=device_memory,
         suggested_group=suggested,
@@ -132,6 +134,12 @@ def estimate_run(cfg, *, ranks: int = 1, device: str = "cuda", device_memory: fl
         host_cache=min(TrajectoryCache.SIZE, cfg.experts.num_experts) * trajectory,
         comm=communication(shape, ranks), flops=iteration_flops(shape, ranks), time=time,
         iterations=cfg.distill.iterations, warnings=tuple(warnings))
+
+
+def _plus_minus(t) -> str:
+    if t.uncertainty is None:
+        return ""
+    return " (uncertainty unknown: extrapolated)" if t.extrapolated else f" ±{t.uncertainty:.0%}"
 
 
 def summary_line(e: RunEstimate) -> str:
@@ -145,7 +153,8 @@ def summary_line(e: RunEstimate) -> str:
     if e.time is None:
         speed = f"{fmt_flops(e.flops[1])}/iteration per rank (no measured profile of this path)"
     else:
-        speed = (f"~{e.time.seconds:.3g} s/iteration ({e.time.distance}; from {e.time.source})")
+        speed = (f"~{e.time.seconds:.3g} s/iteration{_plus_minus(e.time)} ({e.time.distance}; "
+                 f"from {e.time.source})")
     comm = (f", {fmt_bytes(e.comm['sent_per_rank_bytes'])} sent per rank and iteration"
             if e.ranks > 1 else "")
     path = "compiled" if s.compiled else "eager"

@@ -55,6 +55,8 @@ class TimeEstimate:
     source: str             # which file and record
     distance: str           # how the record differs from this run ("same shape and ranks", ...)
     exact: bool             # the record has this run's shape, |b|, g, N and ranks: no scaling
+    uncertainty: float | None = None  # relative, where the source states one (an anchor fit)
+    extrapolated: bool = False        # outside what the source measured: the uncertainty is unknown
 
 
 def load_profiles(directory: str | None = None) -> list[Profile]:
@@ -141,3 +143,87 @@ def iteration_time(shape: MatchingShape, ranks: int, device: str, profiles: list
               f"{rec['s_per_iter']:.3g} s/iteration measured)")
     return TimeEstimate(seconds=rec["s_per_iter"] * ratio, source=source,
                         distance="exact match" if exact else ", ".join(parts), exact=exact)
+
+
+# --------------------------------------------------------------------------------------------
+# Recorded GPU anchors: a time on CUDA before this repository's benchmark has run on a GPU
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnchorFit:
+    """t = a + b·F fitted by least squares over one anchors file's eager-replay records (F: the
+    FLOPs of one outer iteration, counted for the record's network and (|b|, g, N));
+    ``rel_error``: the largest |residual| / measured time of the fit over those records."""
+
+    path: str
+    machine: str
+    net: Network
+    a: float
+    b: float
+    rel_error: float
+    flops: tuple[float, ...]
+
+
+def load_anchor_fits(directory: str | None = None) -> list[AnchorFit]:
+    """A fit per ``anchors_*.json`` of ``directory`` (default bench/results) whose ``network``
+    names the network and device and that holds at least three eager-replay records."""
+    import numpy as np
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(directory or RESULTS_DIR, "anchors_*.json"))):
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+            n = doc["network"]
+            net = Network(name=n["name"], in_channels=int(n["channels"]),
+                          num_classes=int(n["num_classes"]), image_size=int(n["image_size"]),
+                          width=int(n["width"]), depth=n.get("depth"), norm=n["norm"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        recs = [r for r in doc.get("records", ()) if r.get("method") == "replay"
+                and r.get("status") == "ok" and isinstance(r.get("s_per_iter"), (int, float))]
+        if len(recs) < 3 or n.get("device") != "cuda":
+            continue
+        like = MatchingShape(net=net, batch=1, group=1, steps=1, n_images=1, n_matched=1,
+                             n_learnable=1, joint=True)
+        flops = [iteration_flops(replace(like, batch=r["batch"], group=r["group"],
+                                         steps=r["steps"]))[1] for r in recs]
+        t = np.array([r["s_per_iter"] for r in recs], dtype=float)
+        design = np.stack([np.ones(len(flops)), np.array(flops, dtype=float)], axis=1)
+        (a, b), *_ = np.linalg.lstsq(design, t, rcond=None)
+        rel = float(np.max(np.abs(design @ np.array([a, b]) - t) / t))
+        out.append(AnchorFit(path, str(doc.get("machine", "?")), net, float(a), float(b), rel,
+                             tuple(flops)))
+    return out
+
+
+def anchor_time(shape: MatchingShape, ranks: int, fits: list[AnchorFit]) -> TimeEstimate | None:
+    """Seconds per iteration on CUDA from the first anchor fit: a + b × this run's FLOPs on the
+    busiest rank. Says the card, the path measured, the fit's error over its own records, and
+    whether this run is inside the measured range on the same network (else: extrapolated)."""
+    if not fits:
+        return None
+    fit = fits[0]
+    mine = iteration_flops(replace(shape, ranks=ranks), ranks)[1]
+    seconds = fit.a + fit.b * mine
+    lo, hi = min(fit.flops), max(fit.flops)
+    same = (shape.net.name, shape.net.width, _depth(shape.net), shape.net.image_size,
+            shape.net.in_channels, shape.net.norm) == (
+        fit.net.name, fit.net.width, fit.net.depth, fit.net.image_size, fit.net.in_channels,
+        fit.net.norm)
+    inside = lo <= mine <= hi
+    near = ("inside the measured range on the same network" if same and inside else
+            "EXTRAPOLATED: no record near this run ("
+            + ", ".join(([] if same else [f"the anchors' network is {fit.net.name} "
+                                          f"w{fit.net.width} d{fit.net.depth} "
+                                          f"{fit.net.image_size}px×{fit.net.in_channels}"])
+                        + ([] if inside else [f"this run's {mine:.3g} FLOPs per rank lie outside "
+                                              f"the anchors' {lo:.3g} … {hi:.3g}"])) + ")")
+    source = (f"{os.path.relpath(fit.path)} ({fit.machine}): t = {fit.a:.3g} s + "
+              f"{fit.b * 1e12:.3g} s/TFLOP × FLOPs per rank, fitted over {len(fit.flops)} eager "
+              f"replay records (TF32, one BN group, one GPU); ±{fit.rel_error:.0%}: the fit's "
+              f"largest error on its own records; the compiled path, other cards and the "
+              f"all-reduces between ranks are not in it")
+    return TimeEstimate(seconds=max(seconds, 0.0), source=source, distance=near, exact=False,
+                        uncertainty=fit.rel_error, extrapolated=not (same and inside))

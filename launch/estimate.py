@@ -8,7 +8,10 @@
 Per rank: the matching step's peak memory by component (distill/estimate.py, validated against
 measured peaks in bench/results/memory_model_cpu.md), the expert trajectories on storage, what is
 all-reduced per iteration, the FLOPs per iteration (counted) and, when bench/results/ holds a
-measured profile of the same network shape and device kind, the time per iteration and per run.
+measured profile of the same network shape and device kind, the time per iteration and per run;
+on CUDA without one, the time from a fit to the recorded GPU anchors
+(bench/results/anchors_*.json: the card, the fit's error and whether the run is inside the measured
+range are printed with it).
 With ``--device-memory`` (or, on CUDA/CPU here, the memory found) it says whether the step fits
 and which ``distill.bn_group`` does. Exit status 0 whether or not it fits: it only reports.
 """
@@ -57,10 +60,16 @@ def report(e: RunEstimate) -> str:
     lines.append(f"compute per iteration: {fmt_flops(total)} ({fmt_flops(busiest)} on the "
                  f"busiest rank), counted on the meta device")
     if e.time is not None:
+        u = e.time.uncertainty
+        spread = "" if u is None else (
+            f", uncertainty unknown (±{u:.0%} holds inside the measured range only)"
+            if e.time.extrapolated else
+            f" ±{u:.0%} ({_duration(e.time.seconds * e.iterations * (1 - u))} … "
+            f"{_duration(e.time.seconds * e.iterations * (1 + u))})")
+        kind = "the nearest measured record" if u is None else "a fit to recorded anchors"
         lines.append(f"time: ~{e.time.seconds:.3g} s/iteration, "
                      f"~{_duration(e.time.seconds * e.iterations)} for {e.iterations:,} "
-                     f"iterations, from the nearest measured record ({e.time.distance}): "
-                     f"{e.time.source}")
+                     f"iterations{spread}, from {kind} ({e.time.distance}): {e.time.source}")
     else:
         lines.append("time: no measured profile of this device kind and path in bench/results/ "
                      "(python bench/matching.py or bench/loop_profile.py records one); FLOPs "

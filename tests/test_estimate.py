@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -194,6 +195,46 @@ def test_time_comes_from_the_nearest_record_and_says_how_near(tmp_path):
     assert other is not None and "another network shape" in other.distance
     assert iteration_time(s, 1, "cuda", profiles) is None  # another device kind
     assert iteration_time(s, 1, "cpu", [Profile("x", "y", ())]) is None
+
+
+def test_cuda_time_comes_from_the_recorded_anchors_with_card_and_uncertainty(capsys):
+    """No CUDA profile of this repository's code yet: the time on CUDA is a + b·FLOPs fitted over
+    the recorded H200 anchors; it names the card and its error, and says when it extrapolates."""
+    from distill.profiles import anchor_time, load_anchor_fits
+
+    fits = load_anchor_fits()
+    assert len(fits) == 1 and "H200" in fits[0].machine
+    fit = fits[0]
+    with open(fit.path) as f:
+        records = [r for r in json.load(f)["records"] if r["method"] == "replay"]
+    # the fit against its own records: each within the error it states, which is small
+    like = shape(net=net(width=128, depth=3, size=32, channels=3, classes=10))
+    errors = []
+    for r in records:
+        s = dataclasses.replace(like, batch=r["batch"], group=r["group"], steps=r["steps"])
+        t = anchor_time(s, 1, fits)
+        assert "inside the measured range" in t.distance and not t.extrapolated
+        errors.append(abs(t.seconds - r["s_per_iter"]) / r["s_per_iter"])
+    assert max(errors) == pytest.approx(fit.rel_error) and fit.rel_error < 0.1
+    cifar = os.path.join(REPO, "configs", "cifar10_ipc250.yaml")
+    assert main(["estimate", "--gpus", "8", "--config", cifar]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("time:"))
+    assert re.search(r"~[0-9.]+ s/iteration, ~[0-9.]+ h for 10,000 iterations ±\d+%", line), line
+    assert "anchors_design_h200.json" in line and "H200" in line
+    assert "inside the measured range on the same network" in line
+    tiny = os.path.join(REPO, "configs", "tiny_ipc50.yaml")  # 64 px, depth 4: not measured
+    assert main(["estimate", "--config", tiny]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("time:"))
+    assert "EXTRAPOLATED" in line and "uncertainty unknown" in line
+    assert anchor_time(like, 1, []) is None
+
+
+def test_without_anchors_cuda_has_no_time(tmp_path):
+    from distill.profiles import load_anchor_fits
+
+    assert load_anchor_fits(str(tmp_path)) == []
+    (tmp_path / "anchors_x.json").write_text(json.dumps({"records": []}))  # no network: unused
+    assert load_anchor_fits(str(tmp_path)) == []
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
