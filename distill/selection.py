@@ -157,7 +157,7 @@ class Start:
     source: str = "config"
 
     def describe(self) -> str:
-        where = f"window at β = {self.beta:g}" if self.init == "window" else \
+        where = f"the window at β = {self.beta:g}" if self.init == "window" else \
             {"random": "the random subset", "topk": "the IPC hardest"}[self.init]
         return f"{where} ({self.source})"
 

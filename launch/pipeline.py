@@ -53,7 +53,7 @@ def _notes(cfg: RunConfig, ds, check: Freshness) -> list[str]:
     start = check.start(cfg.select.init, cfg.select.beta)
     notes = [f"Dataset {cfg.data.name}, IPC {cfg.select.ipc} ({n_syn} images, "
              f"{100 * n_syn / len(ds.y_train):.1f}% of {len(ds.y_train)}); SelMatch starts from "
-             f"the {start.describe()} with α = {cfg.distill.alpha:g} "
+             f"{start.describe()} with α = {cfg.distill.alpha:g} "
              f"({'tune' if cfg.tuned else 'config'}); {cfg.distill.iterations} distillation "
              f"iterations per distilled set, {cfg.experts.num_experts} experts × "
              f"{cfg.experts.epochs} epochs (shared by every row and seed), repetition seeds "

@@ -202,3 +202,40 @@ def protocol(info=None, *, epochs: int, augment: str = "combined", **eval_fields
     cfg = from_dict({"eval": {"model": "convnet", **eval_fields}}, check=False)
     return Protocol.of(cfg, info or get_info("digits"), epochs=epochs, augment=augment)
 
+
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def write_shapes(root, *, per_class: int = 30, val: int = 10, size: int = 32,
+                 seed: int = 0) -> None:
+    """An image folder of real-looking pictures: root/{train,val}/<shape>/<i>.png, each a filled
+    circle, square or triangle of random size, place and colour on a random two-colour gradient
+    with pixel noise (what docs/data.md's recipe is for: a few hundred small photos by class)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val)):
+        for shape in SHAPES:
+            folder = root / split / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a, b = rng.uniform(0, 255, (2, 3))
+                ramp = np.linspace(0, 1, size)[:, None, None]
+                if rng.random() < 0.5:
+                    ramp = ramp.transpose(1, 0, 2)
+                background = a + (b - a) * ramp * np.ones((size, size, 1))
+                img = Image.fromarray(background.clip(0, 255).astype(np.uint8))
+                r = rng.uniform(0.2, 0.4) * size
+                cx, cy = rng.uniform(r, size - r, 2)
+                colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
+                draw = ImageDraw.Draw(img)
+                if shape == "circle":
+                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+                elif shape == "square":
+                    draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+                else:
+                    draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+                noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, 8, (size, size, 3))
+                Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
