@@ -34,26 +34,13 @@ if ROOT not in sys.path:
 from distill.config_io import tuned_overlay  # noqa: E402
 from distill.methods import METHODS  # noqa: E402
 from distill.report import compare_rows  # noqa: E402
+from fmnist_report import _json, _jsonl  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 PARTS = {"ipc50": "ipc50", "ipc100": "ipc100", "batch500": "ipc50_batch500",
          "steps20": "ipc50_steps20", "ipc300": "ipc300"}
 TITLES = {"ipc50": "IPC 50 (5%)", "ipc100": "IPC 100 (10%)",
           "batch500": "IPC 50, every image in each student step (|b| 500, one BN group), N 10",
           "steps20": "IPC 50, |b| 50, N 20", "ipc300": "IPC 300 (30%), one seed"}
-
-
-def _json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def distill_cost(run_dir: str, seeds: list[int], name: str) -> dict | None:

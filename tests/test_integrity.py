@@ -25,7 +25,7 @@ from distill.config_io import dump_yaml, load_config
 from distill.distiller import Distiller
 from launch.distillation import run_distill
 from launch.cli import main
-from tiny import prepare, tiny_config
+from tiny import config_file, prepare, run_cli, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,16 +41,6 @@ def fresh(prepared, run_dir, **sections):
     for part in ("experts", "scores"):
         shutil.copytree(prepared / part, run_dir / part)
     return tiny_config(run_dir, **sections)
-
-
-def config_file(cfg, path) -> str:
-    path.write_text(dump_yaml(cfg))
-    return str(path)
-
-
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    rc = main(list(argv))
-    return rc, capsys.readouterr().err
 
 
 def flip_bits(path, tensor: torch.Tensor, every: int = 7) -> None:

@@ -26,9 +26,8 @@ from distill.freshness import Freshness
 from distill.methods import with_fields
 from distill.synset import load_synset
 from launch import stages
-from launch.cli import main
 from launch.pipeline import run_pipeline
-from tiny import prepare, tiny_config
+from tiny import config_file, prepare, run_cli, tiny_config
 from tune.main import run_tune
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,16 +45,6 @@ SECTIONS = dict(
 def model_config(run_dir, **more) -> RunConfig:
     sections = {k: {**v, **more.pop(k, {})} for k, v in SECTIONS.items()}
     return tiny_config(run_dir, **sections, **more)
-
-
-def config_file(cfg: RunConfig, path) -> str:
-    path.write_text(dump_yaml(cfg))
-    return str(path)
-
-
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    rc = main(list(argv))
-    return rc, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

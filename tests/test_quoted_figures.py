@@ -77,3 +77,86 @@ def test_every_local_link_resolves(doc):
     broken = [t for t in targets if not t.startswith(("http://", "https://", "#")) and
               not os.path.exists(os.path.join(REPO, os.path.dirname(doc), t.split("#")[0]))]
     assert not broken, f"{doc}: {broken}"
+
+
+COLUMN_ROWS = {
+    "random selection": "Random selection",
+    "mtt": "MTT (random init, full update)",
+    "selmatch (dsa eval)": "Select init + partial update (DSA eval)",
+    "selmatch (combined)": "SelMatch (combined augmentation)",
+}
+"""A results table's column (README.md) -> the row of the recorded report that it quotes."""
+
+_IPC = re.compile(r"\bIPC (\d+)\b")
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def table_quotes(doc: str, text: str) -> list[tuple[str, str, str, str]]:
+    """(row label, column header, figure, source path) of every figure quoted in a table cell
+    whose column is a report row (COLUMN_ROWS)."""
+    out, header = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = _cells(line)
+        if header is None:
+            header = [c.lower() for c in cells]
+            continue
+        if set("".join(cells)) <= set("-: "):
+            continue
+        for column, cell in zip(header, cells):
+            if column in COLUMN_ROWS:
+                for figure, path, _ in quoted(doc, cell):
+                    out.append((cells[0], column, figure, path))
+    return out
+
+
+def source_rows(path: str) -> list[tuple[str, list[str]]]:
+    """(the heading above it, cells) of every table row of a recorded result."""
+    out, heading = [], ""
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#"):
+                heading = line.strip("# \n")
+            elif line.startswith("|"):
+                out.append((heading, [_normalise(c) for c in _cells(line)]))
+    return out
+
+
+def row_problem(label: str, column: str, figure: str, path: str) -> str:
+    """'' when ``figure`` is in the source's row for ``column``, under the heading of the same
+    IPC as the quoting row's label (when the source's headings name IPCs)."""
+    rows = source_rows(path)
+    ipc = _IPC.search(label)
+    if ipc and any(_IPC.search(h) for h, _ in rows):
+        rows = [(h, c) for h, c in rows if (m := _IPC.search(h)) and m.group(1) == ipc.group(1)
+                and "uncapped" not in h.lower()]
+    want = COLUMN_ROWS[column]
+    cells = [c for _, c in rows if c and c[0] == want]
+    if not cells:
+        return f"no row {want!r}" + (f" under an IPC {ipc.group(1)} heading" if ipc else "")
+    if not any(_normalise(figure) in c for c in cells):
+        return f"{figure!r} is not the {want!r} row's figure (the row has {cells[0][1:6]})"
+    return ""
+
+
+def test_each_figure_in_a_results_table_is_its_rows_figure():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        found = table_quotes("README.md", f.read())
+    assert len(found) >= 12
+    problems = [f"{label} / {column}: {why}" for label, column, figure, path in found
+                if (why := row_problem(label, column, figure, path))]
+    assert not problems, "\n".join(problems)
+
+
+def test_a_figure_quoted_in_the_wrong_cell_is_caught():
+    """A figure copied into the wrong column or row is in the file, but not in that row."""
+    src = "bench/results/fmnist_cpu_tables.md"
+    assert row_problem("Fashion-MNIST, IPC 50 (5%)", "random selection", "81.55 ± 0.86", src) == ""
+    assert "not the 'MTT" in row_problem("Fashion-MNIST, IPC 50 (5%)", "mtt", "81.55 ± 0.86", src)
+    # IPC 100's random selection quoted in the IPC 50 row
+    assert row_problem("Fashion-MNIST, IPC 50 (5%)", "random selection", "84.88 ± 0.14", src)

@@ -23,14 +23,13 @@ import torch
 
 from distill import integrity, storage
 from distill.config import ConfigError, RunConfig
-from distill.config_io import dump_yaml, from_dict
+from distill.config_io import from_dict
 from distill.distiller import DivergenceError, Distiller
 from launch.distillation import run_distill
 from distill.synset import load_synset
 from distill.trajectories import ExpertStore
-from launch.cli import main
 from launch.experts import run_experts
-from tiny import prepare, tiny_config
+from tiny import config_file, prepare, run_cli, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +43,6 @@ def fresh(prepared, run_dir, **sections) -> RunConfig:
     for part in ("experts", "scores"):
         shutil.copytree(prepared / part, run_dir / part)
     return tiny_config(run_dir, **sections)
-
-
-def config_file(cfg: RunConfig, path) -> str:
-    path.write_text(dump_yaml(cfg))
-    return str(path)
-
-
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    rc = main(list(argv))
-    return rc, capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ import torch
 from distill import integrity, storage
 from distill.config_io import dump_yaml
 from launch.distillation import run_distill
-from launch.cli import main
-from tiny import prepare, tiny_config
+from tiny import prepare, run_cli, tiny_config
 
 
 class Payload:
@@ -45,11 +44,6 @@ def copy_run(prepared, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(dump_yaml(cfg))
     return run, cfg, str(path)
-
-
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    rc = main(list(argv))
-    return rc, capsys.readouterr().err
 
 
 def poison(url: str, marker) -> None:

@@ -48,3 +48,19 @@ def distill_killed_at(cfg: RunConfig, iteration: int) -> None:
 
     with killed_at(iteration), pytest.raises(KeyboardInterrupt):
         run_distill(cfg, progress=False)
+
+
+def config_file(cfg: RunConfig, path) -> str:
+    """``cfg`` written as YAML at ``path`` (a pathlib.Path); its path as a string."""
+    from distill.config_io import dump_yaml
+
+    path.write_text(dump_yaml(cfg))
+    return str(path)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """``selmatch *argv`` in this process: (exit status, what it printed on stderr)."""
+    from launch.cli import main
+
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
