@@ -6,6 +6,7 @@ script calls.
         # writes bench/results/fmnist_starts_<PART>.{md,json}
     python bench/fmnist_starts.py overrides DIR [--alpha-only]   # tune's choice as overrides
     python bench/fmnist_starts.py start DIR                      # tune's start: window or random
+    python bench/fmnist_starts.py summary    # the parts recorded so far, as one table (stdout)
 
 Every figure comes from the run directories' results.json (each row pooled over seeds ×
 evaluation networks, as the report pools it), window/results.json, tune/summary.json and the
@@ -148,6 +149,33 @@ def table(root: str, part: str, *, seconds: int, version: str, command: str) -> 
     return text
 
 
+def summary() -> str:
+    """One table over the recorded parts (bench/results/fmnist_starts_<part>.json): each row's
+    mean ± std, its margin over the same IPC's random selection (± 1 standard error) and the
+    verdict at 2 standard errors in both directions; with each distillation's s/iteration."""
+    lines = ["| setting | row | test acc (%) | margin over random (points) | at 2 s.e. | "
+             "distillation s/iteration |", "| --- | --- | --- | --- | --- | --- |"]
+    for part in PARTS:
+        doc = _json(os.path.join(HERE, "results", f"fmnist_starts_{part}.json"))
+        if doc is None:
+            continue
+        for name, row in doc["rows"].items():
+            cmp = row.get("margin_over_random")
+            if cmp is None or cmp.get("se") is None:
+                margin, verdict = "–", "–"
+            else:
+                lead, se = 100 * cmp["lead"], 100 * cmp["se"]
+                margin = f"{lead:+.2f} ± {se:.2f}"
+                verdict = "above" if lead > 2 * se else "below" if lead < -2 * se else "within"
+            cost = doc.get("distill", {}).get(METHODS[name].synset, {})
+            speed = f"{cost['s_per_iter']:.3g}" if cost.get("s_per_iter") else "–"
+            setting = TITLES[part].replace("|", "\\|")  # a bar inside a table cell
+            lines.append(f"| {setting} | {METHODS[name].label} | "
+                         f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} | {margin} | "
+                         f"{verdict} | {speed} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -162,8 +190,11 @@ def main() -> None:
     o.add_argument("--alpha-only", action="store_true")
     s = sub.add_parser("start")
     s.add_argument("dir")
+    sub.add_parser("summary")
     args = p.parse_args()
-    if args.what == "table":
+    if args.what == "summary":
+        print(summary())
+    elif args.what == "table":
         print(table(args.root, args.part, seconds=args.seconds, version=args.version,
                     command=args.command))
     elif args.what == "start":
