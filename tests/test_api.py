@@ -126,3 +126,25 @@ def test_the_set_grid_is_headed_by_class_names():
     assert named.width == plain.width and named.height == plain.height + 12
     band = np.asarray(named.convert("L"))[:12]
     assert int((band < 128).sum()) > 0  # text drawn in the band
+
+
+def test_selmatch_export_on_the_command_line(ran, tmp_path, capsys):
+    """The command writes what the API does, and a row that is not one is refused (exit 2)."""
+    import dataclasses
+    import json
+
+    from distill.config_io import dump_yaml
+    from launch.cli import main
+
+    folder, ns, _ = ran
+    cfg = dataclasses.replace(ns["cfg"], run_dir=str(folder / "runs" / "api"))
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    out = tmp_path / "out"
+    assert main(["export", "--config", str(path), "--row", "random", "--out", str(out),
+                 "--no-test"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["row"] == "random" and meta["distilled"] == 0 and meta["test_split"] is None
+    assert not (out / "val").exists() and len(list((out / "train").rglob("*.png"))) == 100
+    assert main(["export", "--config", str(path), "--row", "nope", "--out", str(out)]) == 2
+    assert "--row 'nope' is not a row" in capsys.readouterr().err
