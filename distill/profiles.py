@@ -187,8 +187,7 @@ def load_anchor_fits(directory: str | None = None) -> list[AnchorFit]:
             continue
         like = MatchingShape(net=net, batch=1, group=1, steps=1, n_images=1, n_matched=1,
                              n_learnable=1, joint=True)
-        flops = [iteration_flops(replace(like, batch=r["batch"], group=r["group"],
-                                         steps=r["steps"]))[1] for r in recs]
+        flops = [iteration_flops(record_shape({**n, **r}, like))[1] for r in recs]
         t = np.array([r["s_per_iter"] for r in recs], dtype=float)
         design = np.stack([np.ones(len(flops)), np.array(flops, dtype=float)], axis=1)
         (a, b), *_ = np.linalg.lstsq(design, t, rcond=None)
@@ -208,10 +207,8 @@ def anchor_time(shape: MatchingShape, ranks: int, fits: list[AnchorFit]) -> Time
     mine = iteration_flops(replace(shape, ranks=ranks), ranks)[1]
     seconds = fit.a + fit.b * mine
     lo, hi = min(fit.flops), max(fit.flops)
-    same = (shape.net.name, shape.net.width, _depth(shape.net), shape.net.image_size,
-            shape.net.in_channels, shape.net.norm) == (
-        fit.net.name, fit.net.width, fit.net.depth, fit.net.image_size, fit.net.in_channels,
-        fit.net.norm)
+    # the classes change the last layer only (as for the profiles' records)
+    same = replace(shape.net, num_classes=fit.net.num_classes, depth=_depth(shape.net)) == fit.net
     inside = lo <= mine <= hi
     near = ("inside the measured range on the same network" if same and inside else
             "EXTRAPOLATED: no record near this run ("
