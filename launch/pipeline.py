@@ -127,9 +127,9 @@ def stage_report(check: Freshness, ds, command: str | None) -> str:
     return url
 
 
-def cmd_window(args, overrides: list[str]) -> int:
-    """``selmatch window``: the β grid search and the best-window set at the chosen β."""
-    cfg = load_config(args.config, overrides)
+def run_window(cfg: RunConfig) -> dict:
+    """``selmatch window``: the β grid search and the best-window set at the chosen β, each
+    reused when fresh; returns the search's results."""
     check_not_busy(cfg.run_dir)
     ds = load_configured(cfg.data)
     check = Freshness(cfg, ds)
@@ -137,8 +137,15 @@ def cmd_window(args, overrides: list[str]) -> int:
     storage.check_writable(cfg.run_dir)
     with run_dir_lock(cfg.run_dir, "selmatch window"):
         save_config(cfg)
-        stage_window(check, ds)
+        results = stage_window(check, ds)
         stage_selection(check, Ref("selection", "window", cfg.seed), ds)
+    return results
+
+
+def cmd_window(args, overrides: list[str]) -> int:
+    """``selmatch window``: the β grid search and the best-window set at the chosen β."""
+    cfg = load_config(args.config, overrides)
+    run_window(cfg)
     print(url_of(cfg, Ref("window")))
     return 0
 

@@ -73,13 +73,19 @@ def ensure_scores(check: Freshness, name: str) -> bool:
     return False
 
 
-def cmd_scores(args, overrides: list[str]) -> int:
-    cfg = load_config(args.config, overrides)
+def run_scores(cfg: RunConfig):
+    """``selmatch scores``: the configured difficulty scores computed (or imported) and
+    written, under the run directory's lock (the experts must be present and fresh); returns
+    them."""
     check_not_busy(cfg.run_dir)
     check = Freshness(cfg)
     check.require("scores")
     storage.check_writable(cfg.run_dir)
     with run_dir_lock(cfg.run_dir, "selmatch scores"):
         save_config(cfg)
-        make_scores(check, cfg.scores.kind)
+        return make_scores(check, cfg.scores.kind)
+
+
+def cmd_scores(args, overrides: list[str]) -> int:
+    run_scores(load_config(args.config, overrides))
     return 0

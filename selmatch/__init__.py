@@ -68,19 +68,13 @@ def run_stage(cfg: RunConfig, stage: str, *, workers: int = 0) -> Any:
 
         return run_experts(cfg, workers=workers)
     if stage == "scores":
-        from distill.freshness import Freshness
-        from launch.scores import make_scores
+        from launch.scores import run_scores
 
-        check = Freshness(cfg)
-        check.require("scores")
-        return make_scores(check, cfg.scores.kind)
+        return run_scores(cfg)
     if stage == "window":
-        from distill.freshness import Freshness
-        from launch.stages import stage_window
+        from launch.pipeline import run_window
 
-        check = Freshness(cfg, load_dataset(cfg))
-        check.require("window")
-        return stage_window(check, check.ds)
+        return run_window(cfg)
     if stage == "distill":
         from launch.distillation import run_distill
 
